@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bnlab steps
+	$(VENV)/bin/bnlab compare --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,16 +1,9 @@
-"""The ``bnlab`` command."""
+"""The ``bnlab`` command: ``steps``, ``train``, ``compare``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-
-def _cmd_steps(args) -> int:
-    from .experiments import four_steps
-
-    four_steps.run(batch_size=args.batch_size, seed=args.seed)
-    return 0
 
 
 def _positive_int(text: str) -> int:
@@ -21,6 +14,86 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
+def _add_training_options(p, defaults) -> None:
+    from .data import DATASETS
+
+    p.add_argument("--dataset", choices=sorted(DATASETS), default=defaults.dataset,
+                   help=f"dataset (default {defaults.dataset}, embedded; full MNIST, "
+                        "Fashion-MNIST and CIFAR-10 are read from $BNLAB_DATA or downloaded)")
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs,
+                   help=f"passes over the training split (default {defaults.epochs})")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="total training steps; overrides --epochs")
+    p.add_argument("--lr", type=_positive_float, default=defaults.lr,
+                   help=f"learning rate (default {defaults.lr})")
+    p.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                   help=f"mini-batch size (default {defaults.batch_size})")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.optimizer,
+                   help=f"optimizer (default {defaults.optimizer})")
+    p.add_argument("--momentum", type=_fraction, default=defaults.momentum,
+                   help=f"SGD momentum (default {defaults.momentum})")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"initial weights, shuffling, dropout (default {defaults.seed})")
+    p.add_argument("--eval-every", type=_positive_int, default=defaults.eval_every,
+                   help="evaluate on the test split every N steps (default: "
+                        f"{defaults.eval_every or 'once per epoch'})")
+    p.add_argument("--out", default=None,
+                   help="run folder for results.json, PNGs and the report "
+                        "(default runs/<command>-<time>)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _cmd_steps(args) -> int:
+    from .experiments import four_steps
+
+    four_steps.run(batch_size=args.batch_size, seed=args.seed)
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .experiments import single
+
+    config = single.TrainConfig(
+        model=args.model, bn=not args.no_bn, activation=args.activation,
+        weight_std=args.weight_std, dataset=args.dataset, epochs=args.epochs, steps=args.steps,
+        lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+        momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
+        eval_every=args.eval_every)
+    single.run(config, out=args.out, init_from=args.init_from, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .experiments import compare
+
+    config = compare.CompareConfig(
+        dataset=args.dataset, epochs=args.epochs, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, optimizer=args.optimizer, momentum=args.momentum,
+        seed=args.seed, eval_every=args.eval_every, target=args.target)
+    compare.run(config, out=args.out, progress=not args.no_progress)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +108,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mini-batch size m (default 60, as in the paper)")
     p.add_argument("--seed", type=int, default=0, help="which digits are drawn (default 0)")
     p.set_defaults(func=_cmd_steps)
+
+    from .experiments.compare import CompareConfig
+    from .experiments.single import TrainConfig
+
+    p = sub.add_parser("compare", help="the main job: the seed CNN with and without BN",
+                       description="Train the seed CNN ([conv -> BN -> ReLU -> max-pool] x 2 -> "
+                                   "linear) with and without BN on the same data, seed and "
+                                   "schedule; print a side-by-side table and write "
+                                   "results.json, learning_curves.png and report.md.")
+    _add_training_options(p, CompareConfig())
+    p.add_argument("--target", type=_fraction, default=CompareConfig.target,
+                   help=f"report steps to reach this test accuracy (default {CompareConfig.target})")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("train", help="train one model in one configuration",
+                       description="Train the seed CNN or the paper's MLP; write results.json, "
+                                   "learning_curves.png and checkpoint.npz.")
+    p.add_argument("--model", choices=["cnn", "mlp"], default="cnn",
+                   help="cnn: the seed CNN; mlp: the paper's 784-100-100-100-10 (default cnn)")
+    p.add_argument("--no-bn", action="store_true", help="leave batch normalization out")
+    p.add_argument("--activation", choices=["sigmoid", "relu"], default="sigmoid",
+                   help="MLP nonlinearity (default sigmoid, as in the paper)")
+    p.add_argument("--weight-std", type=_positive_float, default=None,
+                   help="MLP: initialize weights from N(0, std^2) (default Xavier/He)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (default 0)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from the weights of a checkpoint.npz of the same model")
+    _add_training_options(p, TrainConfig())
+    p.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        # bnlab's own errors say what was expected and what came; show them without a traceback
+        print(f"bnlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

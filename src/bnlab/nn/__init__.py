@@ -1,6 +1,13 @@
 """Layers with hand-written backward passes, PyTorch's names and state-dict keys."""
 
+from . import init
 from .batchnorm import BatchNorm1d, BatchNorm2d
+from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential, Sigmoid
+from .loss import CrossEntropyLoss
 from .module import Module, Parameter
+from .optim import SGD, Adam
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "Module", "Parameter"]
+__all__ = [
+    "Adam", "BatchNorm1d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "Dropout", "Flatten",
+    "Linear", "MaxPool2d", "Module", "Parameter", "ReLU", "SGD", "Sequential", "Sigmoid", "init",
+]

@@ -1,0 +1,56 @@
+"""Run folders and typed experiment configurations shared by the experiments."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..train import atomic_write
+
+
+def run_dir(out, prefix: str) -> Path:
+    """``out`` if given, else ``runs/<prefix>-<YYYYmmdd-HHMMSS>``; created."""
+    path = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def override(config, **changes):
+    """A copy of dataclass ``config`` with ``changes``; unknown keys are an error."""
+    known = {f.name for f in fields(config)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for {type(config).__name__}; "
+                        f"known: {sorted(known)}")
+    return type(config)(**{**asdict(config), **changes})
+
+
+def environment() -> dict:
+    import bnlab
+
+    return {"bnlab": bnlab.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
+            "machine": platform.machine(), "command": " ".join(shlex.quote(a) for a in sys.argv)}
+
+
+def write_json(path, obj) -> Path:
+    text = json.dumps(obj, indent=1, default=_jsonable)
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _jsonable(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
