@@ -1,0 +1,72 @@
+"""The bnlab command: help, option errors, and small real runs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bnlab import cli
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bnlab.cli", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("command", [[], ["steps"], ["train"], ["compare"]])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(command + ["--help"])
+    assert e.value.code == 0
+    assert "usage: bnlab" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["compare", "--lr", "-1"], "expected a positive finite number"),
+    (["compare", "--epochs", "0"], "expected a positive integer"),
+    (["compare", "--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["train", "--momentum", "1.5"], "expected a number in [0, 1]"),
+    (["train", "--model", "resnet"], "invalid choice: 'resnet'"),
+    (["compare", "--bogus"], "unrecognized arguments: --bogus"),
+    (["dance"], "invalid choice: 'dance'"),
+])
+def test_bad_options_are_rejected_with_a_message(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compare_writes_its_run_folder(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("compare", "--dataset", "digits", "--steps", "30", "--eval-every", "10",
+                "--batch-size", "32", "--lr", "0.1", "--no-progress", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "with BN" in r.stdout and "steps to 95% test accuracy" in r.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["runs"]) == {"bn", "plain"}
+    for run in results["runs"].values():
+        assert run["eval_step"] == [10, 20, 30] and len(run["test_accuracy"]) == 3
+    assert (out / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "learning_curves.png" in (out / "report.md").read_text()
+
+
+def test_train_then_init_from_its_checkpoint(tmp_path):
+    first = tmp_path / "a"
+    r = run_cli("train", "--model", "mlp", "--dataset", "digits", "--steps", "20",
+                "--no-progress", "--out", str(first))
+    assert r.returncode == 0, r.stderr
+    assert (first / "checkpoint.npz").exists() and "test accuracy" in r.stdout
+    r = run_cli("train", "--model", "mlp", "--dataset", "digits", "--steps", "5", "--no-progress",
+                "--init-from", str(first / "checkpoint.npz"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 0 and "initialized from" in r.stdout
+    r = run_cli("train", "--model", "cnn", "--dataset", "digits", "--steps", "5", "--no-progress",
+                "--init-from", str(first / "checkpoint.npz"), "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "does not fit this model" in r.stderr
+
+
+def test_steps_worked_example(capsys):
+    assert cli.main(["steps", "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "1. mini-batch mean" in out and "4. scale and shift" in out
