@@ -96,6 +96,24 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    shapes = None
+    if args.shapes:
+        unknown = sorted(set(args.shapes) - set(bench.SHAPES))
+        if unknown:
+            raise ValueError(f"unknown shape(s) {unknown}; choose from {list(bench.SHAPES)}")
+        shapes = args.shapes
+    result = bench.run(shapes=shapes, dtypes=args.dtypes, repeats=args.repeats,
+                       cnn=not args.no_cnn, progress=not args.no_progress)
+    print(bench.format_table(result))
+    if args.json:
+        bench.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnlab", description="Batch normalization done properly (Ioffe & Szegedy 2015).")
@@ -121,6 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_fraction, default=CompareConfig.target,
                    help=f"report steps to reach this test accuracy (default {CompareConfig.target})")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("bench", help="speed of BN against the reference, PyTorch and a copy",
+                       description="Time batch-norm training (forward+backward) and inference "
+                                   "for the NumPy reference, the fused kernels and PyTorch, with "
+                                   "a same-size np.copyto as the bandwidth yardstick; candidates "
+                                   "interleaved in random order per round; medians. Also one "
+                                   "training step of the seed CNN in bnlab and PyTorch.")
+    p.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                   help='which cases, e.g. "NC 256x4096" (default: all four)')
+    p.add_argument("--dtypes", nargs="+", choices=["float16", "float32", "float64"],
+                   default=["float32", "float64"], help="default float32 float64")
+    p.add_argument("--repeats", type=_positive_int, default=21,
+                   help="interleaved rounds per case; medians are reported (default 21)")
+    p.add_argument("--no-cnn", action="store_true", help="skip the seed CNN training step")
+    p.add_argument("--json", metavar="FILE", help="also write every median to FILE")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("train", help="train one model in one configuration",
                        description="Train the seed CNN or the paper's MLP; write results.json, "

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import kernels
+
 __all__ = [
     "BNCache",
     "batch_norm",
@@ -234,7 +236,7 @@ def _affine(x_hat, gamma, beta, bshape):
     return y if beta is None else y + beta.reshape(bshape)
 
 
-def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1):
+def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend: str = "auto"):
     """Training-mode batch normalization with batch statistics: Algorithm 1 of the paper.
 
         mu      = mean(x)                  over every axis except ``axis``   (C,)
@@ -248,6 +250,8 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1):
         beta: (C,) shift, or None for 0.
         eps: added to the variance; default 1e-5.
         axis: the channel axis; default 1 (see the module docstring).
+        backend: "auto" (fused kernels when numba is available), "numpy" (this reference)
+            or "numba"; see :mod:`bnlab.kernels`.
 
     Returns:
         ``(y, cache)``: ``y`` like ``x`` (same dtype), ``cache`` a :class:`BNCache` for
@@ -263,17 +267,23 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1):
             f"expected more than 1 value per channel when training, got input of size {x.shape}"
         )
     xc = x.astype(cdt, copy=False)
-    mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
-    _check_finite_stats(mean, var, x.shape)
-    inv_std = 1.0 / np.sqrt(var + cdt.type(eps))                          # (C,)
-    x_hat = (xc - mean.reshape(bshape)) * inv_std.reshape(bshape)        # like x
-    y = _affine(x_hat, gamma, beta, bshape)
+    fast = kernels.resolve(backend)
+    if fast is not None:
+        y, *stats = fast.train_forward(xc, gamma, beta, eps, axis)
+        mean, var, inv_std = (v.astype(cdt) for v in stats)  # statistics in compute dtype
+        _check_finite_stats(mean, var, x.shape)
+    else:
+        mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
+        _check_finite_stats(mean, var, x.shape)
+        inv_std = 1.0 / np.sqrt(var + cdt.type(eps))                          # (C,)
+        x_hat = (xc - mean.reshape(bshape)) * inv_std.reshape(bshape)        # like x
+        y = _affine(x_hat, gamma, beta, bshape)
     g = np.ones(C, cdt) if gamma is None else gamma
     cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var)
     return y.astype(x.dtype, copy=False), cache
 
 
-def batch_norm_backward(dy, cache: BNCache):
+def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
     """Gradient of batch normalization, in one closed-form expression.
 
     With ``m`` values per channel and sums over every axis except the channel axis:
@@ -289,6 +299,7 @@ def batch_norm_backward(dy, cache: BNCache):
     Args:
         dy: upstream gradient, same shape as the forward input.
         cache: the :class:`BNCache` from the forward pass.
+        backend: as in :func:`batch_norm_forward`.
 
     Returns:
         ``(dx, dgamma, dbeta)``: ``dx`` like ``dy`` (float16 in, float16 out), the others (C,)
@@ -299,10 +310,16 @@ def batch_norm_backward(dy, cache: BNCache):
     if dy.shape != cache.x.shape:
         raise ValueError(f"dy has shape {dy.shape}, expected the forward input's {cache.x.shape}")
     x = cache.x
+    fast = kernels.resolve(backend)
+    if fast is not None:
+        dx, dgamma, dbeta = fast.backward(dy, x, cache.mean, cache.inv_std, cache.gamma,
+                                          cache.axis, cache.batch_stats)
+        cdt = x.dtype
+        return dx.astype(cache.out_dtype, copy=False), dgamma.astype(cdt), dbeta.astype(cdt)
     _, reduce_axes, bshape = _channel_axes(x, cache.axis)
     dyc = dy.astype(x.dtype, copy=False)
-    inv_std = cache.inv_std.reshape(bshape)
-    x_hat = (x - cache.mean.reshape(bshape)) * inv_std                     # like x
+    inv_std = cache.inv_std.astype(x.dtype, copy=False).reshape(bshape)
+    x_hat = (x - cache.mean.astype(x.dtype, copy=False).reshape(bshape)) * inv_std  # like x
     dbeta = dyc.sum(axis=reduce_axes)                                       # (C,)
     dgamma = (dyc * x_hat).sum(axis=reduce_axes)                            # (C,)
     scale = cache.gamma.reshape(bshape) * inv_std                           # (1, C, 1, 1)
@@ -314,7 +331,8 @@ def batch_norm_backward(dy, cache: BNCache):
     return dx.astype(cache.out_dtype, copy=False), dgamma, dbeta
 
 
-def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int = 1):
+def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int = 1,
+                         backend: str = "auto"):
     """Evaluation-mode batch normalization with fixed statistics, and its cache.
 
         y = gamma * (x - mean) / sqrt(var + eps) + beta
@@ -328,7 +346,11 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int
     var = _check_channel_vector(var, "running_var", C, cdt)
     inv_std = 1.0 / np.sqrt(var + cdt.type(eps))
     xc = x.astype(cdt, copy=False)
-    y = _affine((xc - mean.reshape(bshape)) * inv_std.reshape(bshape), gamma, beta, bshape)
+    fast = kernels.resolve(backend)
+    if fast is not None:
+        y = fast.inference(xc, mean, inv_std, gamma, beta, axis)
+    else:
+        y = _affine((xc - mean.reshape(bshape)) * inv_std.reshape(bshape), gamma, beta, bshape)
     g = np.ones(C, cdt) if gamma is None else gamma
     cache = BNCache(xc, mean, inv_std, g, axis, False, x.dtype)
     return y.astype(x.dtype, copy=False), cache
@@ -359,6 +381,7 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
+    backend: str = "auto",
 ):
     """Batch normalization with PyTorch's ``torch.nn.functional.batch_norm`` semantics.
 
@@ -374,12 +397,13 @@ def batch_norm(
         training: use batch statistics; default False.
         momentum: weight of the new batch; default 0.1 (Keras 0.99 is 0.01 here).
         eps: default 1e-5.
+        backend: as in :func:`batch_norm_forward`.
 
     Returns:
         ``y`` like ``x``.
     """
     if training:
-        y, cache = batch_norm_forward(x, weight, bias, eps=eps, axis=axis)
+        y, cache = batch_norm_forward(x, weight, bias, eps=eps, axis=axis, backend=backend)
         C = cache.mean.shape[0]
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if buf is not None:
@@ -389,7 +413,8 @@ def batch_norm(
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    y, _ = batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis)
+    y, _ = batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
+                                backend=backend)
     return y
 
 

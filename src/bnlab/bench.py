@@ -1,0 +1,265 @@
+"""``bnlab bench``: batch normalization speed as ratios measured in one run.
+
+For each shape and dtype it times, interleaved round by round (so machine noise hits
+every candidate alike) and reported as medians:
+
+* ``copy``: ``np.copyto`` of a same-size array, one read + one write: the bandwidth
+  yardstick. BN training forward+backward must read x and dy and write y and dx, about
+  five tensor passes, 2.5 copy-times: that is the floor.
+* ``reference``: the NumPy reference (``backend="numpy"``).
+* ``fused``: bnlab's numba kernels (``backend="numba"``).
+* ``torch``: PyTorch's native CPU batch norm (autograd forward + backward), in NCHW and,
+  for 4-D shapes, channels-last memory format, when torch is installed.
+
+"train" is forward with batch statistics + backward (dx, dgamma, dbeta); "infer" is the
+forward with running statistics. Every candidate allocates its outputs, as in real use. It also times one training step of the seed CNN (with
+BN) in bnlab and in PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import functional as F
+
+SHAPES = {  # name: (layout, shape with channels on axis)
+    "NCHW 64x64x32x32": ("NCHW", (64, 64, 32, 32)),
+    "NHWC 64x32x32x64": ("NHWC", (64, 32, 32, 64)),
+    "NC 256x4096": ("NC", (256, 4096)),
+    "NCHW 128x256x8x8": ("NCHW", (128, 256, 8, 8)),
+}
+AXIS = {"NCHW": 1, "NHWC": -1, "NC": 1}
+
+
+@dataclass
+class Case:
+    name: str
+    layout: str
+    shape: tuple
+    dtype: str
+
+
+def _median_times(fns: dict, repeats: int, warmup: int = 2, seed: int = 0) -> dict:
+    """Run every candidate once per round, in a fresh random order each round (so neither
+    machine noise nor cache state left by a neighbour favours anyone); return medians (s)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    rng = np.random.default_rng(seed)
+    names = list(fns)
+    times = {k: [] for k in names}
+    for _ in range(repeats):
+        for k in rng.permutation(names):
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
+    try:
+        import torch
+    except ImportError:
+        return {}
+    tdt = getattr(torch, case.dtype)
+
+    def tensor(a, channels_last=False):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        if case.layout == "NHWC":          # logical NCHW, physically channels-last
+            t = t.permute(0, 3, 1, 2)
+        elif channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t.to(tdt)
+
+    w = torch.from_numpy(gamma).requires_grad_(True)
+    b = torch.from_numpy(beta).requires_grad_(True)
+    rm, rv = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
+    out = {}
+    variants = [("torch", False)]
+    if case.layout == "NCHW":
+        variants.append(("torch_channels_last", True))
+    for name, cl in variants:
+        xt = tensor(x, cl).requires_grad_(True)
+        dyt = tensor(dy, cl)
+
+        def train(xt=xt, dyt=dyt):
+            xt.grad = w.grad = b.grad = None
+            y = torch.nn.functional.batch_norm(xt, None, None, w, b, training=True)
+            y.backward(dyt)
+
+        def infer(xt=xt):
+            with torch.no_grad():
+                torch.nn.functional.batch_norm(xt, rm, rv, w, b, training=False)
+
+        out[name] = (train, infer)
+    return out
+
+
+def bench_case(case: Case, repeats: int) -> dict:
+    rng = np.random.default_rng(0)
+    dt = np.dtype(case.dtype)
+    axis = AXIS[case.layout]
+    x = (1.0 + 2.0 * rng.standard_normal(case.shape)).astype(dt)
+    dy = rng.standard_normal(case.shape).astype(dt)
+    C = case.shape[axis]
+    pdt = np.float32 if dt == np.float16 else dt
+    gamma, beta = (1 + 0.1 * rng.standard_normal(C)).astype(pdt), rng.standard_normal(C).astype(pdt)
+    mean, var = np.zeros(C, pdt), np.ones(C, pdt)
+    dst = np.empty_like(x)
+
+    def impl(backend):
+        def train():
+            _, cache = F.batch_norm_forward(x, gamma, beta, axis=axis, backend=backend)
+            F.batch_norm_backward(dy, cache, backend=backend)
+
+        def infer():
+            F.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, backend=backend)
+
+        return train, infer
+
+    cands = {"reference": impl("numpy"), "fused": impl("numba")}
+    cands.update(_torch_fns(case, x, dy, gamma, beta, mean, var))
+    fns = {"copy": lambda: np.copyto(dst, x)}
+    for k, (train, infer) in cands.items():
+        fns[f"train/{k}"] = train
+        fns[f"infer/{k}"] = infer
+    med = _median_times(fns, repeats)
+    row = {"case": case.name, "layout": case.layout, "shape": list(case.shape),
+           "dtype": case.dtype, "seconds": med}
+    copy = med["copy"]
+    row["copy_times"] = {k: v / copy for k, v in med.items()}
+    for op in ("train", "infer"):
+        if f"{op}/torch" in med:
+            row[f"{op}_fused_vs_torch"] = med[f"{op}/fused"] / med[f"{op}/torch"]
+        if f"{op}/torch_channels_last" in med:
+            row[f"{op}_fused_vs_torch_channels_last"] = (
+                med[f"{op}/fused"] / med[f"{op}/torch_channels_last"])
+    return row
+
+
+def bench_seed_cnn(repeats: int, batch_size: int = 64) -> dict:
+    """One training step (forward, loss, backward, SGD update) of the seed CNN with BN."""
+    from . import models, nn
+
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_size, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size)
+    model = models.seed_cnn(bn=True)
+    opt = nn.SGD(model.parameters(), 0.01)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def ours():
+        opt.zero_grad()
+        loss_fn(model(x), y)
+        model.backward(loss_fn.backward())
+        opt.step()
+
+    fns = {"bnlab": ours}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        c1, c2 = model[0].out_channels, model[4].out_channels
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(1, c1, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c1),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(c1, c2, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c2),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(c2 * 49, 10))
+        net.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
+        topt = torch.optim.SGD(net.parameters(), 0.01)
+        tloss = torch.nn.CrossEntropyLoss()
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+        def theirs():
+            topt.zero_grad()
+            tloss(net(xt), yt).backward()
+            topt.step()
+
+        fns["torch"] = theirs
+    med = _median_times(fns, repeats)
+    out = {"batch_size": batch_size, "seconds": med}
+    if "torch" in med:
+        out["bnlab_vs_torch"] = med["bnlab"] / med["torch"]
+    return out
+
+
+def environment() -> dict:
+    import platform
+
+    from numba import get_num_threads
+
+    env = {"numpy": np.__version__, "machine": platform.machine(),
+           "cpus": os.cpu_count(), "numba_threads": get_num_threads()}
+    try:
+        import torch
+
+        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def run(shapes=None, dtypes=("float32", "float64"), repeats: int = 21, cnn: bool = True,
+        progress: bool = True) -> dict:
+    """Benchmark ``shapes`` (names of :data:`SHAPES`, or a dict name -> (layout, shape))."""
+    from tqdm.auto import tqdm
+
+    table = SHAPES if shapes is None else (
+        shapes if isinstance(shapes, dict) else {n: SHAPES[n] for n in shapes})
+    cases = [Case(n, *spec, d) for n, spec in table.items() for d in dtypes]
+    rows = []
+    for case in tqdm(cases, desc="bench", disable=not progress, leave=False):
+        rows.append(bench_case(case, repeats))
+    result = {"environment": environment(), "repeats": repeats, "rows": rows}
+    if cnn:
+        result["seed_cnn_step"] = bench_seed_cnn(repeats)
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Times in copy-times (median time / median copy time, same run) and fused vs torch."""
+    head = (f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}{'ref':>7s}{'fused':>7s}"
+            f"{'torch':>7s}{'torchCL':>8s}{'fused/torch':>12s}{'fused/CL':>9s}")
+    lines = ["times in copy-times (1.0 = np.copyto of the same tensor); ratios < 1: bnlab faster",
+             head, "-" * len(head)]
+    for r in result["rows"]:
+        ct = r["copy_times"]
+        for op in ("train", "infer"):
+            def cell(key, width):
+                v = ct.get(f"{op}/{key}")
+                return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
+
+            vs_t = r.get(f"{op}_fused_vs_torch")
+            vs_cl = r.get(f"{op}_fused_vs_torch_channels_last")
+            lines.append(
+                f"{r['case']:20s}{r['dtype']:>9s}{op:>7s}{r['seconds']['copy'] * 1e3:9.2f}"
+                f"{cell('reference', 7)}{cell('fused', 7)}{cell('torch', 7)}"
+                f"{cell('torch_channels_last', 8)}"
+                f"{(f'{vs_t:12.2f}' if vs_t is not None else f'{chr(45):>12s}')}"
+                f"{(f'{vs_cl:9.2f}' if vs_cl is not None else f'{chr(45):>9s}')}")
+    cnn = result.get("seed_cnn_step")
+    if cnn:
+        s = cnn["seconds"]
+        line = f"\nseed CNN training step (batch {cnn['batch_size']}): bnlab {s['bnlab'] * 1e3:.1f} ms"
+        if "torch" in s:
+            line += f", PyTorch {s['torch'] * 1e3:.1f} ms, bnlab/PyTorch = {cnn['bnlab_vs_torch']:.2f}"
+        lines.append(line)
+    env = result["environment"]
+    lines.append(f"\n{env['cpus']} CPUs, numba threads {env['numba_threads']}, numpy {env['numpy']}, "
+                 f"torch {env.get('torch')} (threads {env.get('torch_threads')}); "
+                 f"medians of {result['repeats']} interleaved rounds")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path) -> None:
+    from .train import atomic_write
+
+    text = json.dumps(result, indent=1)
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,0 +1,130 @@
+"""The fused numba kernels against the NumPy reference (the oracle)."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnlab import functional as F
+from bnlab import kernels, nn
+
+# Agreement within the rounding of each dtype (outputs are O(1) by construction).
+TOL = {np.float64: dict(rtol=1e-10, atol=1e-11), np.float32: dict(rtol=2e-5, atol=2e-5),
+       np.float16: dict(rtol=4e-3, atol=4e-3)}
+CASES = [((6, 5, 7, 9), 1), ((6, 7, 9, 5), -1), ((33, 5), 1), ((4, 5, 11), 1),
+         ((3, 1100), 1), ((2, 1, 3, 3), 1), ((2, 3, 3, 1), -1), ((7, 1), 1)]
+
+
+def data(shape, axis, dtype, seed=0, loc=1.0):
+    rng = np.random.default_rng(seed)
+    C = shape[axis]
+    pdt = np.float32 if dtype == np.float16 else dtype
+    x = (loc + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = (1 + 0.3 * rng.standard_normal(C)).astype(pdt), rng.standard_normal(C).astype(pdt)
+    return x, dy, gamma, beta
+
+
+def both(fn):
+    return fn("numpy"), fn("numba")
+
+
+def close(a, b, dtype):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_train_forward_backward_agree_with_reference(shape, axis, dtype):
+    x, dy, gamma, beta = data(shape, axis, dtype)
+    (y0, c0), (y1, c1) = both(lambda b: F.batch_norm_forward(x, gamma, beta, axis=axis, backend=b))
+    assert y1.dtype == x.dtype and y1.shape == x.shape
+    assert c1.mean.dtype == c0.mean.dtype  # statistics in compute precision on both paths
+    close(y1, y0, dtype)
+    close(c1.mean, c0.mean, dtype)
+    close(c1.var, c0.var, dtype)
+    g0, g1 = F.batch_norm_backward(dy, c0, backend="numpy"), F.batch_norm_backward(dy, c1, backend="numba")
+    m = x.size // x.shape[axis]
+    for a, b, scale in zip(g1, g0, (1.0, np.sqrt(m), np.sqrt(m))):  # sums grow like sqrt(m)
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, float) / scale, np.asarray(b, float) / scale,
+                                   **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_inference_and_eval_backward_agree_with_reference(shape, axis, dtype):
+    x, dy, gamma, beta = data(shape, axis, dtype, seed=1)
+    C = shape[axis]
+    mean, var = gamma * 0.5, 0.5 + np.abs(beta)
+    (y0, c0), (y1, c1) = both(lambda b: F.batch_norm_inference(x, mean, var, gamma, beta,
+                                                               axis=axis, backend=b))
+    close(y1, y0, dtype)
+    for a, b in zip(F.batch_norm_backward(dy, c1, backend="numba"),
+                    F.batch_norm_backward(dy, c0, backend="numpy")):
+        close(np.asarray(a) / np.sqrt(x.size // C), np.asarray(b) / np.sqrt(x.size // C), dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(N=st.integers(2, 9), C=st.integers(1, 9), H=st.integers(1, 7), W=st.integers(1, 7),
+       layout=st.sampled_from(["NCHW", "NHWC", "NC"]), f64=st.booleans(),
+       seed=st.integers(0, 2**31))
+def test_random_shapes_agree_with_reference(N, C, H, W, layout, f64, seed):
+    dtype = np.float64 if f64 else np.float32
+    shape, axis = {"NCHW": ((N, C, H, W), 1), "NHWC": ((N, H, W, C), -1), "NC": ((N * H, C), 1)}[layout]
+    x, dy, gamma, beta = data(shape, axis, dtype, seed=seed)
+    (y0, c0), (y1, c1) = both(lambda b: F.batch_norm_forward(x, gamma, beta, axis=axis, backend=b))
+    close(y1, y0, dtype)
+    dx0, _, _ = F.batch_norm_backward(dy, c0, backend="numpy")
+    dx1, _, _ = F.batch_norm_backward(dy, c1, backend="numba")
+    close(dx1, dx0, dtype)
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 4, 6, 6), 1), ((8, 6, 6, 4), -1), ((300, 4), 1)])
+def test_large_offset_fused_is_at_least_as_accurate_as_the_reference(shape, axis):
+    """x = 1e4 + noise in float32: both paths against float64 truth of the same inputs."""
+    x, dy, gamma, beta = data(shape, axis, np.float32, loc=1e4)
+    truth, ct = F.batch_norm_forward(x.astype(np.float64), gamma.astype(np.float64),
+                                     beta.astype(np.float64), axis=axis, backend="numpy")
+    dx_true = F.batch_norm_backward(dy.astype(np.float64), ct, backend="numpy")[0]
+    errs = {}
+    for b in ("numpy", "numba"):
+        y, c = F.batch_norm_forward(x, gamma, beta, axis=axis, backend=b)
+        dx = F.batch_norm_backward(dy, c, backend=b)[0]
+        errs[b] = (np.abs(y - truth).max(), np.abs(dx - dx_true).max())
+        assert np.abs(c.var - x.astype(np.float64).var(axis=tuple(
+            a for a in range(x.ndim) if a != axis % x.ndim))).max() < 0.05 * 4  # var ~ 4 survives
+    # float32 inputs near 1e4 carry rounding of ulp(1e4)/2 ~ 5e-4; with std 2 that bounds y
+    assert errs["numba"][0] < 2e-3 and errs["numba"][1] < 2e-3
+    assert errs["numba"][0] <= 1.5 * errs["numpy"][0] + 1e-6
+    assert errs["numba"][1] <= 1.5 * errs["numpy"][1] + 1e-6
+
+
+def test_backend_selection(monkeypatch):
+    assert kernels.resolve("numpy") is None
+    assert kernels.resolve("numba") is not None and kernels.resolve("auto") is not None
+    monkeypatch.setenv("BNLAB_BACKEND", "numpy")
+    assert kernels.resolve("auto") is None
+    assert kernels.resolve("numba") is not None  # explicit beats the environment
+    monkeypatch.setenv("BNLAB_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="BNLAB_BACKEND must be one of"):
+        kernels.resolve("auto")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.batch_norm_forward(np.ones((4, 2)), None, None, backend="fast")
+
+
+def test_layers_use_the_fused_path_by_default():
+    x, dy, gamma, beta = data((8, 3, 5, 5), 1, np.float32, seed=4)
+    bn = nn.BatchNorm2d(3)
+    bn.weight.data[...] = gamma
+    bn.bias.data[...] = beta
+    y = bn(x)
+    expected, _ = F.batch_norm_forward(x, gamma, beta, backend="numba")
+    np.testing.assert_array_equal(y, expected)
+
+
+def test_non_contiguous_input_is_handled():
+    x, dy, gamma, beta = data((6, 5, 4, 3), 1, np.float64)
+    xt = np.transpose(x, (0, 1, 3, 2))  # a strided view
+    (y0, _), (y1, _) = both(lambda b: F.batch_norm_forward(xt, gamma, beta, backend=b))
+    close(y1, y0, np.float64)
