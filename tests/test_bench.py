@@ -19,8 +19,9 @@ def test_bench_run_and_table(tmp_path):
             assert r["seconds"][key] > 0
         assert r["train_fused_vs_torch"] == pytest.approx(
             r["seconds"]["train/fused"] / r["seconds"]["train/torch"])
-    assert "train/torch_channels_last" in rows[0]["seconds"]          # NCHW rows time both
-    assert "train/torch_channels_last" not in rows[1]["seconds"]
+    assert "train/torch_channels_last" in rows[0]["seconds"]  # 4-D rows time both layouts
+    assert "train/torch_channels_last" in rows[1]["seconds"]
+    assert "train/torch_channels_last" not in rows[2]["seconds"]
     assert result["seed_cnn_step"]["seconds"]["bnlab"] > 0
     table = bench.format_table(result)
     assert "NCHW tiny" in table and "seed CNN training step" in table

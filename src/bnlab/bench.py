@@ -8,8 +8,10 @@ every candidate alike) and reported as medians:
   five tensor passes, 2.5 copy-times: that is the floor.
 * ``reference``: the NumPy reference (``backend="numpy"``).
 * ``fused``: bnlab's numba kernels (``backend="numba"``).
-* ``torch``: PyTorch's native CPU batch norm (autograd forward + backward), in NCHW and,
-  for 4-D shapes, channels-last memory format, when torch is installed.
+* ``torch``: PyTorch's native CPU batch norm (autograd forward + backward) on NCHW memory,
+  and ``torch_channels_last`` on channels-last memory, for every 4-D case whatever bnlab's
+  layout (so "NHWC vs PyTorch NCHW" is also measured in one interleaved run), when torch is
+  installed.
 
 "train" is forward with batch statistics + backward (dx, dgamma, dbeta); "infer" is the
 forward with running statistics. Every candidate allocates its outputs, as in real use. It also times one training step of the seed CNN (with
@@ -69,19 +71,21 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
     tdt = getattr(torch, case.dtype)
 
     def tensor(a, channels_last=False):
+        """Logical NCHW (or (N, C)) tensor in the requested physical layout."""
         t = torch.from_numpy(np.ascontiguousarray(a))
-        if case.layout == "NHWC":          # logical NCHW, physically channels-last
-            t = t.permute(0, 3, 1, 2)
-        elif channels_last:
-            t = t.contiguous(memory_format=torch.channels_last)
+        if case.layout == "NHWC":
+            t = t.permute(0, 3, 1, 2)           # a channels-last view of the NHWC array
+        if t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last if channels_last
+                             else torch.contiguous_format)
         return t.to(tdt)
 
     w = torch.from_numpy(gamma).requires_grad_(True)
     b = torch.from_numpy(beta).requires_grad_(True)
     rm, rv = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
     out = {}
-    variants = [("torch", False)]
-    if case.layout == "NCHW":
+    variants = [("torch", False)]  # 4-D: NCHW memory; 4-D rows also time channels-last
+    if len(case.shape) == 4:
         variants.append(("torch_channels_last", True))
     for name, cl in variants:
         xt = tensor(x, cl).requires_grad_(True)
