@@ -96,6 +96,37 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_reproduce(args) -> int:
+    from .experiments import reproduce as R
+
+    common = dict(dataset=args.dataset, batch_size=args.batch_size, seed=args.seed,
+                  eval_every=args.eval_every)
+    progress = not args.no_progress
+    if args.experiment == "fig1":
+        config = R.Fig1Config(steps=args.steps, lr=args.lr, weight_std=args.weight_std,
+                              probe_every=args.probe_every, unit=args.unit, **common)
+        R.run_fig1(config, out=args.out, progress=progress)
+    elif args.experiment == "lr-sweep":
+        config = R.LrSweepConfig(steps=args.steps, lrs=tuple(args.lrs),
+                                 activations=tuple(args.activations),
+                                 weight_std=args.weight_std, **common)
+        R.run_lr_sweep(config, out=args.out, progress=progress)
+    else:
+        config = R.InitSweepConfig(steps=args.steps, lr=args.lr,
+                                   weight_stds=tuple(args.weight_stds),
+                                   activations=tuple(args.activations), **common)
+        R.run_init_sweep(config, out=args.out, progress=progress)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import report
+
+    written = report.regenerate(args.run_dir)
+    print("rewrote " + ", ".join(written) + f" in {args.run_dir}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from . import bench
 
@@ -139,6 +170,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_fraction, default=CompareConfig.target,
                    help=f"report steps to reach this test accuracy (default {CompareConfig.target})")
     p.set_defaults(func=_cmd_compare)
+
+    from .data import DATASETS
+    from .experiments import reproduce as R
+
+    p = sub.add_parser("reproduce", help="the paper's experiments: fig1, lr-sweep, init-sweep",
+                       description="Reproduce the evidence of Ioffe & Szegedy (2015) with the "
+                                   "paper's MLP on real digits; each writes results.json, PNG "
+                                   "figures and report.md into a run folder.")
+    rsub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    specs = {
+        "fig1": (R.Fig1Config(), "Figure 1: test accuracy, and the 15/50/85th percentiles of a "
+                                 "sigmoid's input over training, with and without BN"),
+        "lr-sweep": (R.LrSweepConfig(), "final test accuracy over learning rates, sigmoid and "
+                                        "ReLU, with and without BN"),
+        "init-sweep": (R.InitSweepConfig(), "final test accuracy over initial weight scales, "
+                                            "sigmoid and ReLU, with and without BN"),
+    }
+    for name, (d, text) in specs.items():
+        q = rsub.add_parser(name, help=text, description=text + ".")
+        q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                       help=f"default {d.dataset}; the paper's scale: --dataset mnist --steps 50000")
+        q.add_argument("--steps", type=_positive_int, default=d.steps,
+                       help=f"training steps per network (default {d.steps})")
+        q.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                       help=f"default {d.batch_size}")
+        q.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+        q.add_argument("--eval-every", type=_positive_int, default=d.eval_every,
+                       help=f"test evaluation interval in steps (default {d.eval_every})")
+        q.add_argument("--out", default=None,
+                       help=f"run folder (default runs/{name}-<time>)")
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+        if name != "init-sweep":
+            q.add_argument("--weight-std", type=_positive_float, default=d.weight_std,
+                           help="weights from N(0, std^2) (default "
+                                f"{d.weight_std if d.weight_std else 'Xavier/He'})")
+        else:
+            q.add_argument("--weight-stds", type=_positive_float, nargs="+",
+                           default=list(d.weight_stds), help=f"default {list(d.weight_stds)}")
+        if name != "lr-sweep":
+            q.add_argument("--lr", type=_positive_float, default=d.lr,
+                           help=f"SGD learning rate (default {d.lr})")
+        else:
+            q.add_argument("--lrs", type=_positive_float, nargs="+", default=list(d.lrs),
+                           help=f"learning rates (default {list(d.lrs)})")
+        if name == "fig1":
+            q.add_argument("--probe-every", type=_positive_int, default=d.probe_every,
+                           help=f"percentile probe interval in steps (default {d.probe_every})")
+            q.add_argument("--unit", type=int, default=d.unit,
+                           help=f"which of the 100 last-layer sigmoids to plot (default {d.unit})")
+        else:
+            q.add_argument("--activations", nargs="+", choices=["sigmoid", "relu"],
+                           default=list(d.activations), help="default sigmoid relu")
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("report", help="rebuild a run folder's figures and report.md",
+                       description="Redraw the figures and rewrite report.md of a run folder "
+                                   "from its results.json (any bnlab experiment).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by a bnlab command")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="speed of BN against the reference, PyTorch and a copy",
                        description="Time batch-norm training (forward+backward) and inference "

@@ -1,4 +1,9 @@
-"""Plots and written reports for the run folders."""
+"""Plots and written reports for run folders.
+
+``write_report(results, folder)`` draws the figures and writes ``report.md`` for any
+experiment's ``results.json`` (compare, train, fig1, lr-sweep, init-sweep), so
+``bnlab report RUN_DIR`` can rebuild a run folder from its saved numbers.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from .train import atomic_write
 
 COLORS = {"bn": "#1f77b4", "plain": "#d62728"}
 LABELS = {"bn": "with BN", "plain": "without BN"}
+PCT_STYLE = {"15": ":", "50": "-", "85": "--"}
 
 
 def _pyplot():
@@ -32,15 +38,40 @@ def save_figure(fig, path) -> Path:
         _pyplot().close(fig)
 
 
+def write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def moving_average(values, window: int) -> np.ndarray:
     v = np.asarray(values, dtype=float)
     window = max(1, min(window, len(v)))
     return np.convolve(v, np.ones(window) / window, mode="valid")
 
 
-def plot_compare(results: dict, path) -> Path:
-    """Two panels: test accuracy and (smoothed) training loss against steps for each run
-    in ``results["runs"]`` (keys "bn" and/or "plain")."""
+def _fmt(v, spec=".3f"):
+    return "never" if v is None else format(v, spec)
+
+
+def _command(results) -> str:
+    return results.get("environment", {}).get("command", "(not recorded)")
+
+
+# --- compare / train -----------------------------------------------------------------------
+
+EARLY_STEPS = (50, 100, 200)
+
+
+def accuracy_at(run: dict, step: int):
+    """Test accuracy at the last evaluation at or before ``step`` (None before the first)."""
+    best = None
+    for s, a in zip(run["eval_step"], run["test_accuracy"]):
+        if s <= step:
+            best = a
+    return best
+
+
+def plot_curves(results: dict, path) -> Path:
+    """Test accuracy and smoothed training loss against steps for each run (bn / plain)."""
     plt = _pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, run in results["runs"].items():
@@ -53,7 +84,8 @@ def plot_compare(results: dict, path) -> Path:
         ax_acc.axhline(target, color="gray", lw=0.8, ls="--")
     title = results.get("title", f"Seed CNN on {results['dataset']}")
     ax_acc.set(xlabel="training step", ylabel="test accuracy", title=f"{title}: test accuracy")
-    ax_acc.set_ylim(max(0.0, min(min(r["test_accuracy"]) for r in results["runs"].values()) - 0.05), 1.0)
+    lowest = min(min(r["test_accuracy"]) for r in results["runs"].values())
+    ax_acc.set_ylim(max(0.0, lowest - 0.05), 1.0)
     ax_loss.set(xlabel="training step", ylabel="cross-entropy (moving average)",
                 title="training loss", yscale="log")
     for ax in (ax_acc, ax_loss):
@@ -62,20 +94,289 @@ def plot_compare(results: dict, path) -> Path:
     return save_figure(fig, path)
 
 
-def write_compare_report(results: dict, table: str, path) -> Path:
-    cfg = results["config"]
-    text = f"""# Seed CNN with and without batch normalization
+def compare_table(results: dict) -> str:
+    cfg, bn, plain = results["config"], results["runs"]["bn"], results["runs"]["plain"]
+    rows = [(f"test accuracy at step {s}", accuracy_at(bn, s), accuracy_at(plain, s), ".3f")
+            for s in EARLY_STEPS if s <= bn["step"][-1]]
+    rows += [
+        ("final test accuracy", bn["final_test_accuracy"], plain["final_test_accuracy"], ".3f"),
+        ("final test loss", bn["final_test_loss"], plain["final_test_loss"], ".3f"),
+        (f"steps to {cfg['target']:.0%} test accuracy", bn["steps_to_target"],
+         plain["steps_to_target"], "d"),
+        ("training steps", bn["step"][-1], plain["step"][-1], "d"),
+        ("training time (s)", bn["seconds"], plain["seconds"], ".1f"),
+    ]
+    head = (f"seed CNN on {results['dataset']}: {cfg['optimizer']} lr={cfg['lr']} "
+            f"batch={cfg['batch_size']} seed={cfg['seed']}")
+    lines = [head, f"{'':34s}{'with BN':>10s}{'without':>10s}"]
+    lines += [f"{label:34s}{_fmt(a, spec):>10s}{_fmt(b, spec):>10s}" for label, a, b, spec in rows]
+    return "\n".join(lines)
 
-Command: `{results['environment']['command']}`
+
+def _report_compare(results, folder):
+    plot_curves(results, folder / "learning_curves.png")
+    cfg = results["config"]
+    write_text(folder / "report.md", f"""# Seed CNN with and without batch normalization
+
+Command: `{_command(results)}`
 
 Network: [conv 3x3 -> BN -> ReLU -> max-pool 2x2] x 2 -> linear, channels
 {tuple(cfg['channels'])}; without BN the convolutions get their biases back. Same
 initial weights (seed {cfg['seed']}), same batches, same schedule.
 
 ```
-{table}
+{compare_table(results)}
 ```
 
 ![learning curves](learning_curves.png)
-"""
-    return atomic_write(path, lambda f: f.write(text.encode()))
+""")
+    return ["learning_curves.png", "report.md"]
+
+
+def _report_train(results, folder):
+    plot_curves(results, folder / "learning_curves.png")
+    (name, run), = results["runs"].items()
+    write_text(folder / "report.md", f"""# {results['title']}, {LABELS[name]}
+
+Command: `{_command(results)}`
+
+Configuration: {results['config']}
+
+Final test accuracy {run['test_accuracy'][-1]:.4f}, test loss {run['test_loss'][-1]:.4f}
+after {run['step'][-1]} steps ({run['seconds']:.1f} s){'; DIVERGED' if run['diverged'] else ''}.
+
+![learning curves](learning_curves.png)
+""")
+    return ["learning_curves.png", "report.md"]
+
+
+# --- fig1 ------------------------------------------------------------------------------------
+
+FIG1_STEPS = (500, 1000, 2000, 5000, 10000, 20000, 50000)
+
+
+def plot_fig1(results: dict, path) -> Path:
+    """The paper's Figure 1: (a) test accuracy, (b) without BN and (c) with BN percentiles."""
+    plt = _pyplot()
+    runs, cfg = results["runs"], results["config"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name in ("plain", "bn"):
+        axes[0].plot(runs[name]["steps"], runs[name]["test_accuracy"], color=COLORS[name],
+                     label=LABELS[name])
+    axes[0].set(xlabel="training step", ylabel="test accuracy", title="(a) test accuracy")
+    axes[0].set_ylim(0, 1)
+    axes[0].legend(loc="lower right")
+    values = [v for r in runs.values() for s in r["percentiles"].values() for v in s]
+    lo, hi = min(values), max(values)
+    pad = 0.05 * (hi - lo or 1)
+    for ax, name, letter in ((axes[1], "plain", "b"), (axes[2], "bn", "c")):
+        run = runs[name]
+        for p, series in run["percentiles"].items():
+            ax.plot(run["probe_steps"], series, color=COLORS[name], ls=PCT_STYLE[p],
+                    label=f"{p}th percentile")
+        ax.set(xlabel="training step", ylabel=f"input to sigmoid #{cfg['unit']} of layer 3",
+               title=f"({letter}) {LABELS[name]}", ylim=(lo - pad, hi + pad))
+        ax.legend(loc="best", fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Ioffe & Szegedy (2015) Figure 1 on {results['dataset']}: MLP 784-100-100-100-10, "
+                 f"sigmoid, N(0, {cfg['weight_std']}²) weights, batch {cfg['batch_size']}, "
+                 f"SGD lr {cfg['lr']}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def fig1_tables(results: dict) -> str:
+    runs, cfg = results["runs"], results["config"]
+    last = runs["bn"]["steps"][-1]
+    marks = [s for s in FIG1_STEPS if s < last] + [last]
+    lines = [f"{'test accuracy at step':24s}" + "".join(f"{s:>8d}" for s in marks)]
+    for name in ("bn", "plain"):
+        run = {"eval_step": runs[name]["steps"], "test_accuracy": runs[name]["test_accuracy"]}
+        lines.append(f"{LABELS[name]:24s}" + "".join(f"{_fmt(accuracy_at(run, s)):>8s}" for s in marks))
+    lines.append("")
+    lines.append(f"movement of sigmoid #{cfg['unit']}'s input percentiles after the first 10% "
+                 "of training (range = max - min)")
+    lines.append(f"{'':24s}{'without BN':>12s}{'with BN':>10s}")
+    for p in ("15", "50", "85"):
+        a, b = runs["plain"]["stability"][p]["range"], runs["bn"]["stability"][p]["range"]
+        lines.append(f"{p + 'th percentile range':24s}{a:12.3f}{b:10.3f}")
+    a, b = runs["plain"]["median_range_all_units"], runs["bn"]["median_range_all_units"]
+    lines.append(f"{'median over 100 units':24s}{a:12.3f}{b:10.3f}   (range of each unit's median)")
+    return "\n".join(lines)
+
+
+def _report_fig1(results, folder):
+    plot_fig1(results, folder / "fig1.png")
+    cfg = results["config"]
+    write_text(folder / "report.md", f"""# Ioffe & Szegedy (2015), Figure 1, reproduced
+
+Command: `{_command(results)}`
+
+Dataset {results['dataset']}; MLP 784-100-100-100-10 with sigmoid nonlinearities; every
+weight drawn from N(0, {cfg['weight_std']}²), biases 0; BN (when on) between each affine
+map and its sigmoid, the affine maps then without bias; batch {cfg['batch_size']}; plain SGD
+with learning rate {cfg['lr']}; {cfg['steps']} steps; seed {cfg['seed']} for weights and
+batches, the same for both networks. Test accuracy every {cfg['eval_every']} steps on the
+test split. Percentiles: every {cfg['probe_every']} steps, {cfg['probe_size']} test images
+are pushed through the network in evaluation mode and the 15th, 50th and 85th percentiles
+of the input to sigmoid #{cfg['unit']} of the last hidden layer are recorded.
+
+![Figure 1](fig1.png)
+
+```
+{fig1_tables(results)}
+```
+
+The paper's Figure 1: (a) the network with BN trains faster and reaches higher test
+accuracy; (b, c) without BN the distribution of a sigmoid's input shifts over training,
+with BN it stays put.
+""")
+    return ["fig1.png", "report.md"]
+
+
+# --- sweeps ----------------------------------------------------------------------------------
+
+
+def _sweep_key(results):
+    return "lr" if results["experiment"] == "lr-sweep" else "weight_std"
+
+
+def _sweep_grid(results):
+    """Rows (activation, bn) -> {value: run}, in a fixed order."""
+    key = _sweep_key(results)
+    rows = {}
+    for run in results["runs"]:
+        rows.setdefault((run["activation"], run["bn"]), {})[run[key]] = run
+    return rows
+
+
+def sweep_table(results) -> str:
+    key = _sweep_key(results)
+    rows = _sweep_grid(results)
+    values = sorted({v for r in rows.values() for v in r})
+    head = f"{'final test accuracy':22s}" + "".join(f"{key + '=' + format(v, 'g'):>14s}" for v in values)
+    lines = [head]
+    for (act, bn), by_value in rows.items():
+        cells = []
+        for v in values:
+            run = by_value.get(v)
+            cell = "-" if run is None else f"{run['final_test_accuracy']:.3f}" + ("*" if run["diverged"] else "")
+            cells.append(f"{cell:>14s}")
+        lines.append(f"{act + (' + BN' if bn else ''):22s}" + "".join(cells))
+    lines.append("* diverged (loss became NaN/inf); the accuracy is that of the network where it stopped")
+    return "\n".join(lines)
+
+
+def plot_lr_sweep(results, path) -> Path:
+    """Heatmap: rows = activation x BN, columns = learning rate, colour = final accuracy."""
+    plt = _pyplot()
+    rows = _sweep_grid(results)
+    lrs = sorted({v for r in rows.values() for v in r})
+    grid = np.array([[rows[k][lr]["final_test_accuracy"] for lr in lrs] for k in rows])
+    fig, ax = plt.subplots(figsize=(1.3 * len(lrs) + 2.5, 0.8 * len(rows) + 1.5))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, k in enumerate(rows):
+        for j, lr in enumerate(lrs):
+            run = rows[k][lr]
+            text = f"{run['final_test_accuracy']:.2f}" + ("\ndiverged" if run["diverged"] else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if run["final_test_accuracy"] < 0.6 else "black")
+    ax.set_xticks(range(len(lrs)), [format(v, "g") for v in lrs])
+    ax.set_yticks(range(len(rows)), [f"{a}{' + BN' if bn else ''}" for a, bn in rows])
+    ax.set(xlabel="learning rate (plain SGD)",
+           title=f"Final test accuracy after {results['config']['steps']} steps ({results['dataset']})")
+    fig.colorbar(im, ax=ax, label="test accuracy")
+    return save_figure(fig, path)
+
+
+def plot_init_sweep(results, path) -> Path:
+    """Grouped bars: one group per weight scale, one bar per activation x BN."""
+    plt = _pyplot()
+    rows = _sweep_grid(results)
+    stds = sorted({v for r in rows.values() for v in r})
+    fig, ax = plt.subplots(figsize=(2.2 * len(stds) + 2, 4))
+    width = 0.8 / len(rows)
+    palette = {("sigmoid", False): "#f4a582", ("sigmoid", True): "#92c5de",
+               ("relu", False): "#ca0020", ("relu", True): "#0571b0"}
+    for i, k in enumerate(rows):
+        accs = [rows[k][s]["final_test_accuracy"] for s in stds]
+        xs = np.arange(len(stds)) + (i - (len(rows) - 1) / 2) * width
+        ax.bar(xs, accs, width, label=f"{k[0]}{' + BN' if k[1] else ''}", color=palette.get(k))
+        for x, s, a in zip(xs, stds, accs):
+            label = f"{a:.2f}" + ("\ndiv." if rows[k][s]["diverged"] else "")
+            ax.text(x, a + 0.01, label, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(stds)), [f"std {format(s, 'g')}" for s in stds])
+    ax.set(ylim=(0, 1.12), ylabel="final test accuracy",
+           title=f"Initial weight scale, lr {results['config']['lr']}, "
+                 f"{results['config']['steps']} steps ({results['dataset']})")
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, path)
+
+
+def _report_sweep(results, folder):
+    lr_sweep = results["experiment"] == "lr-sweep"
+    name = "lr_sweep.png" if lr_sweep else "init_sweep.png"
+    (plot_lr_sweep if lr_sweep else plot_init_sweep)(results, folder / name)
+    cfg = results["config"]
+    what = ("learning rates " + ", ".join(format(v, "g") for v in cfg["lrs"])
+            + (f", weights N(0, {cfg['weight_std']}²)" if cfg.get("weight_std")
+               else ", weights Xavier-normal (sigmoid) / He-normal (ReLU)") if lr_sweep else
+            "weights N(0, std²) with std " + ", ".join(format(v, "g") for v in cfg["weight_stds"])
+            + f", learning rate {cfg['lr']}")
+    write_text(folder / "report.md", f"""# {'Learning-rate' if lr_sweep else 'Initialization'} sweep, with and without BN
+
+Command: `{_command(results)}`
+
+The paper's MLP 784-100-100-100-10 on {results['dataset']}, sigmoid and ReLU, with and
+without BN; {what}; batch {cfg['batch_size']}, plain SGD, {cfg['steps']} steps, seed
+{cfg['seed']}. A run whose loss becomes NaN or inf stops and is marked diverged.
+
+![sweep]({name})
+
+```
+{sweep_table(results)}
+```
+""")
+    return [name, "report.md"]
+
+
+WRITERS = {"compare": _report_compare, "train": _report_train, "fig1": _report_fig1,
+           "lr-sweep": _report_sweep, "init-sweep": _report_sweep}
+
+
+def write_report(results: dict, folder) -> list[str]:
+    """Draw the figures and write report.md for ``results`` into ``folder``; return names."""
+    experiment = results.get("experiment")
+    if experiment not in WRITERS:
+        raise ValueError(f"results.json describes experiment {experiment!r}; "
+                         f"expected one of {sorted(WRITERS)}")
+    return WRITERS[experiment](results, Path(folder))
+
+
+def summary(results: dict) -> str:
+    """The terminal table for an experiment."""
+    experiment = results["experiment"]
+    if experiment == "compare":
+        return compare_table(results)
+    if experiment == "fig1":
+        return fig1_tables(results)
+    if experiment in ("lr-sweep", "init-sweep"):
+        return sweep_table(results)
+    (name, run), = results["runs"].items()
+    return f"{name}: final test accuracy {run['test_accuracy'][-1]:.4f}"
+
+
+def regenerate(run_folder) -> list[str]:
+    """``bnlab report RUN_DIR``: rebuild figures and report.md from RUN_DIR/results.json."""
+    import json
+
+    folder = Path(run_folder)
+    path = folder / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: not a bnlab run folder")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+    return write_report(results, folder)

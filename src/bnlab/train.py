@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import nn
+from . import kernels, nn
 from .data import Dataset, iterate_batches
 
 OPTIMIZERS = ("sgd", "adam")
@@ -72,7 +72,8 @@ def evaluate(model: nn.Module, data: Dataset, *, split: str = "test",
     loss_fn = nn.CrossEntropyLoss()
     total_loss, correct = 0.0, 0
     try:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # BN kernels on one thread: here they sit between multi-threaded GEMMs (kernels/)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), kernels.num_threads(1):
             for xb, yb in iterate_batches(images, labels, batch_size, shuffle=False):
                 logits = model(xb)
                 total_loss += loss_fn(logits, yb) * len(yb)
@@ -129,7 +130,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int = 1, steps: int | None =
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)
     model.train()
     start = time.perf_counter()
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    # BN kernels on one thread: here they sit between multi-threaded GEMMs (kernels/)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), kernels.num_threads(1):
         for step, (xb, yb) in zip(range(1, total + 1), batches()):
             opt.zero_grad()
             try:

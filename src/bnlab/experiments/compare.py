@@ -29,18 +29,6 @@ class CompareConfig:
     channels: tuple[int, int] = (8, 16)
 
 
-EARLY_STEPS = (50, 100, 200)
-
-
-def accuracy_at(history, step: int) -> float | None:
-    """Test accuracy at the last evaluation at or before ``step``."""
-    best = None
-    for s, a in zip(history["eval_step"], history["test_accuracy"]):
-        if s <= step:
-            best = a
-    return best
-
-
 def run(config: CompareConfig, out=None, progress: bool = True, print_fn=print) -> dict:
     data = datasets.load(config.dataset)
     C, S, _ = data.image_shape
@@ -62,31 +50,9 @@ def run(config: CompareConfig, out=None, progress: bool = True, print_fn=print) 
                "runs": runs, "environment": environment()}
     folder = run_dir(out, "compare")
     write_json(folder / "results.json", results)
-    report.plot_compare(results, folder / "learning_curves.png")
-    table = comparison_table(results)
-    report.write_compare_report(results, table, folder / "report.md")
-    print_fn(table)
-    print_fn(f"\nwrote {folder / 'results.json'}, {folder / 'learning_curves.png'}, "
-             f"{folder / 'report.md'}")
+    written = report.write_report(results, folder)
+    print_fn(report.compare_table(results))
+    print_fn("\nwrote " + ", ".join(str(folder / n) for n in ["results.json"] + written))
     results["run_dir"] = str(folder)
     return results
 
-
-def comparison_table(results: dict) -> str:
-    cfg, bn, plain = results["config"], results["runs"]["bn"], results["runs"]["plain"]
-    fmt = lambda v, spec: "never" if v is None else format(v, spec)  # noqa: E731
-    rows = [(f"test accuracy at step {s}", accuracy_at(bn, s), accuracy_at(plain, s), ".3f")
-            for s in EARLY_STEPS if s <= bn["step"][-1]]
-    rows += [
-        ("final test accuracy", bn["final_test_accuracy"], plain["final_test_accuracy"], ".3f"),
-        ("final test loss", bn["final_test_loss"], plain["final_test_loss"], ".3f"),
-        (f"steps to {cfg['target']:.0%} test accuracy", bn["steps_to_target"],
-         plain["steps_to_target"], "d"),
-        ("training steps", bn["step"][-1], plain["step"][-1], "d"),
-        ("training time (s)", bn["seconds"], plain["seconds"], ".1f"),
-    ]
-    head = (f"seed CNN on {results['dataset']}: {cfg['optimizer']} lr={cfg['lr']} "
-            f"batch={cfg['batch_size']} seed={cfg['seed']}")
-    lines = [head, f"{'':34s}{'with BN':>10s}{'without':>10s}"]
-    lines += [f"{label:34s}{fmt(a, spec):>10s}{fmt(b, spec):>10s}" for label, a, b, spec in rows]
-    return "\n".join(lines)

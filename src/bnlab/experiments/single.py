@@ -57,13 +57,13 @@ def run(config: TrainConfig, out=None, init_from=None, progress=True, print_fn=p
                "title": f"{config.model.upper()} on {data.name}",
                "runs": {name: hist.to_dict()}, "environment": environment()}
     write_json(folder / "results.json", results)
-    report.plot_compare(results, folder / "learning_curves.png")
+    report.write_report(results, folder)
     save_checkpoint(folder / "checkpoint.npz", model, config=asdict(config),
                     step=hist.step[-1], test_accuracy=hist.test_accuracy[-1])
     print_fn(f"{'diverged at' if hist.diverged else 'finished'} step {hist.step[-1]}: "
              f"test accuracy {hist.test_accuracy[-1]:.4f}, test loss {hist.test_loss[-1]:.4f} "
              f"({hist.seconds:.1f} s)")
     print_fn(f"wrote {folder / 'results.json'}, {folder / 'learning_curves.png'}, "
-             f"{folder / 'checkpoint.npz'}")
+             f"{folder / 'report.md'}, {folder / 'checkpoint.npz'}")
     results["run_dir"] = str(folder)
     return results

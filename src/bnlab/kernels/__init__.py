@@ -4,11 +4,17 @@
 reference) or "numba". The environment variable ``BNLAB_BACKEND`` changes what "auto"
 means. Kernels receive validated, contiguous float32/float64 arrays and return arrays;
 all checks and conventions stay in ``functional.py``.
+
+Threads: large tensors use all of numba's threads (``NUMBA_NUM_THREADS``), small ones one;
+``num_threads(n)`` caps them for a block of code (``bnlab.train`` uses ``num_threads(1)``
+because BN there sits between multi-threaded GEMMs), and ``BNLAB_NUM_THREADS`` sets the
+cap for a whole process.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 BACKENDS = ("auto", "numpy", "numba")
 _loaded = {}
@@ -42,3 +48,20 @@ def resolve(backend: str = "auto"):
     if isinstance(mod, ImportError):
         raise ImportError(f'backend="numba" needs numba, which failed to import: {mod}')
     return mod
+
+
+@contextmanager
+def num_threads(n: int | None):
+    """Cap the fused kernels at ``n`` threads inside the block (None: no cap)."""
+    if n is not None and (int(n) != n or n < 1):
+        raise ValueError(f"num_threads must be a positive integer or None, got {n!r}")
+    mod = _numba_module()
+    if isinstance(mod, ImportError):
+        yield
+        return
+    previous = mod.max_threads
+    mod.max_threads = None if n is None else int(n)
+    try:
+        yield
+    finally:
+        mod.max_threads = previous

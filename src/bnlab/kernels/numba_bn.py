@@ -21,6 +21,15 @@ sample of the channel, so ``E[x^2] - E[x]^2`` cannot cancel the variance away
 subtract the mean first (``(x - mean) * a + beta``), never ``x * a + (beta - mean * a)``,
 which would cancel in float32 for a large common offset.
 
+Threads: tensors of at least ``PARALLEL_MIN_SIZE`` elements use all of numba's threads
+(or ``bnlab.kernels.num_threads(n)``); smaller ones run on the calling thread, where
+waking a thread pool costs more than it saves. Between GEMMs there is a worse cost:
+OpenBLAS threads keep spinning after each matrix product and fight numba's threads for
+the cores. Measured on 2 cores: the paper's MLP step took 44 ms with two kernel threads
+against 0.7 ms with one; a CNN with 64x64x32x32 BN tensors 353 ms against 238 ms. So
+``bnlab.train`` runs the kernels on one thread; a pure-BN workload (``bnlab bench``) uses
+all of them.
+
 Compiled functions are cached on disk (``cache=True``): the first use in a fresh
 environment compiles them (about 10 s for all layouts and dtypes); later processes load
 them in well under a second.
@@ -29,9 +38,10 @@ them in well under a second.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import get_num_threads, njit, prange, set_num_threads
 
 # Reassociation lets LLVM vectorize the reductions; no flags that would drop NaN/inf handling.
 _FM = {"reassoc", "contract"}
@@ -235,6 +245,23 @@ def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
 
 # --- dispatch (called by bnlab.functional with validated float32/float64 arrays) -----------
 
+PARALLEL_MIN_SIZE = 1 << 20  # elements (4 MiB of float32); see the module docstring
+# set by bnlab.kernels.num_threads(); None: all of numba's threads
+max_threads: int | None = int(os.environ["BNLAB_NUM_THREADS"]) if os.environ.get("BNLAB_NUM_THREADS") else None
+
+
+def _run(kernel, size: int, *args):
+    """Call ``kernel`` with up to ``max_threads`` threads for large inputs, one for small."""
+    threads = 1 if size < PARALLEL_MIN_SIZE else (max_threads or get_num_threads())
+    previous = get_num_threads()
+    if threads == previous:
+        return kernel(*args)
+    set_num_threads(min(threads, previous))
+    try:
+        return kernel(*args)
+    finally:
+        set_num_threads(previous)
+
 
 def _view(x: np.ndarray, axis: int):
     """A contiguous (N, C, L) or (M, C) view of ``x`` with channels on ``axis``."""
@@ -269,9 +296,9 @@ def train_forward(x, gamma, beta, eps: float, axis: int):
     g, b = _params(gamma, beta, v.shape[1])
     out = np.empty_like(v)
     if last:
-        mean, var, inv_std = _cl_forward(v, g, b, float(eps), out, *_tiles(*v.shape))
+        mean, var, inv_std = _run(_cl_forward, v.size, v, g, b, float(eps), out, *_tiles(*v.shape))
     else:
-        mean, var, inv_std = _cf_forward(v, g, b, float(eps), out)
+        mean, var, inv_std = _run(_cf_forward, v.size, v, g, b, float(eps), out)
     return out.reshape(x.shape), mean, var, inv_std
 
 
@@ -282,9 +309,9 @@ def inference(x, mean, inv_std, gamma, beta, axis: int):
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = np.empty_like(v)
     if last:
-        _cl_normalize(v, mean, inv_std, g, b, out, *_tiles(*v.shape))
+        _run(_cl_normalize, v.size, v, mean, inv_std, g, b, out, *_tiles(*v.shape))
     else:
-        _cf_normalize(v, mean, inv_std, g, b, out)
+        _run(_cf_normalize, v.size, v, mean, inv_std, g, b, out)
     return out.reshape(x.shape)
 
 
@@ -296,7 +323,8 @@ def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool):
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = np.empty_like(v)
     if last:
-        dgamma, dbeta = _cl_backward(v, d, mean, inv_std, g, batch_stats, out, *_tiles(*v.shape))
+        dgamma, dbeta = _run(_cl_backward, v.size, v, d, mean, inv_std, g, batch_stats, out,
+                             *_tiles(*v.shape))
     else:
-        dgamma, dbeta = _cf_backward(v, d, mean, inv_std, g, batch_stats, out)
+        dgamma, dbeta = _run(_cf_backward, v.size, v, d, mean, inv_std, g, batch_stats, out)
     return out.reshape(x.shape), dgamma, dbeta

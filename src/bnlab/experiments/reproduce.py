@@ -1,0 +1,183 @@
+"""The paper's evidence (Ioffe & Szegedy 2015, section 4.1) on real digits.
+
+* ``fig1``: the MLP 784-100-100-100-10 with sigmoids, weights from a small Gaussian, batch
+  60, plain SGD, with and without BN: (a) test accuracy against steps, (b, c) the 15th,
+  50th and 85th percentiles of one sigmoid input of the last hidden layer during training.
+* ``lr-sweep``: final test accuracy over learning rates, sigmoid and ReLU, with and without BN.
+* ``init-sweep``: the same over initial weight scales.
+
+Each writes ``results.json``, PNG figures and ``report.md`` into a run folder;
+``bnlab report RUN_DIR`` rebuilds figures and report from ``results.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import data as datasets
+from .. import models, nn, report
+from ..train import fit
+from .runs import environment, run_dir, write_json
+
+PERCENTILES = (15, 50, 85)
+
+
+# --- Figure 1 ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fig1Config:
+    dataset: str = "mnist-5k"
+    steps: int = 20000          # the paper: 50000 on full MNIST
+    batch_size: int = 60        # the paper's
+    lr: float = 0.1
+    weight_std: float = 0.05    # "small random Gaussian values"
+    seed: int = 0
+    eval_every: int = 200
+    probe_every: int = 100
+    probe_size: int = 1000      # test images pushed through the probe
+    unit: int = 0               # which sigmoid of the last hidden layer is plotted
+
+
+def last_sigmoid_input(model: nn.Sequential, x: np.ndarray) -> np.ndarray:
+    """(N, units) input of the last hidden nonlinearity, in evaluation mode.
+
+    For the BN network this is BN's output; without BN it is the affine output.
+    """
+    acts = [i for i, layer in enumerate(model) if isinstance(layer, (nn.Sigmoid, nn.ReLU))]
+    was_training = model.training
+    model.eval()
+    try:
+        h = x
+        for layer in list(model)[:acts[-1]]:
+            h = layer(h)
+    finally:
+        model.train(was_training)
+    return h
+
+
+def percentile_stability(steps, series: dict, skip_fraction: float = 0.1) -> dict:
+    """How much each percentile moves after the first ``skip_fraction`` of training:
+    range (max - min) and standard deviation over the probe points."""
+    steps = np.asarray(steps)
+    keep = steps >= steps[-1] * skip_fraction
+    out = {}
+    for p, values in series.items():
+        v = np.asarray(values)[keep]
+        out[p] = {"range": float(v.max() - v.min()), "std": float(v.std())}
+    return out
+
+
+def run_fig1(config: Fig1Config, out=None, progress: bool = True, print_fn=print) -> dict:
+    if not 0 <= config.unit < 100:
+        raise ValueError(f"unit must be one of the 100 last-layer sigmoids (0..99), got {config.unit}")
+    data = datasets.load(config.dataset)
+    C, S, _ = data.image_shape
+    probe_x = data.test[0][:config.probe_size]
+    runs = {}
+    for name, bn in (("bn", True), ("plain", False)):
+        model = models.paper_mlp(bn=bn, activation="sigmoid", in_features=C * S * S,
+                                 num_classes=data.num_classes, weight_std=config.weight_std,
+                                 seed=config.seed)
+        probe_steps, pct_unit, drift = [], {str(p): [] for p in PERCENTILES}, []
+
+        def probe(step, model):
+            if step % config.probe_every and step != 1:
+                return
+            z = last_sigmoid_input(model, probe_x)                    # (probe_size, 100)
+            q = np.percentile(z, PERCENTILES, axis=0)                 # (3, 100)
+            probe_steps.append(step)
+            for p, row in zip(PERCENTILES, q):
+                pct_unit[str(p)].append(float(row[config.unit]))
+            drift.append(q[1].tolist())                               # medians of all units
+
+        hist = fit(model, data, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+                   seed=config.seed, eval_every=config.eval_every, progress=progress,
+                   desc=f"fig1 MLP, {'with' if bn else 'without'} BN", callback=probe)
+        medians = np.asarray(drift)                                   # (probes, 100)
+        keep = np.asarray(probe_steps) >= probe_steps[-1] * 0.1
+        runs[name] = {
+            "steps": hist.eval_step, "test_accuracy": hist.test_accuracy,
+            "test_loss": hist.test_loss, "diverged": hist.diverged, "seconds": hist.seconds,
+            "train_loss_every_100": [float(np.mean(hist.loss[i:i + 100]))
+                                     for i in range(0, len(hist.loss), 100)],
+            "probe_steps": probe_steps, "percentiles": pct_unit,
+            "stability": percentile_stability(probe_steps, pct_unit),
+            # over all 100 sigmoids: range of each one's median after 10% of training
+            "median_range_all_units": float(np.median(np.ptp(medians[keep], axis=0))),
+        }
+    results = {"experiment": "fig1", "dataset": data.name, "config": asdict(config),
+               "runs": runs, "environment": environment()}
+    return _finish(results, out, "fig1", print_fn)
+
+
+# --- sweeps --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LrSweepConfig:
+    dataset: str = "mnist-5k"
+    lrs: tuple = (0.01, 0.03, 0.1, 0.3, 1.0, 2.0)
+    activations: tuple = ("sigmoid", "relu")
+    weight_std: float | None = None   # None: Xavier (sigmoid) / He (ReLU)
+    steps: int = 3000
+    batch_size: int = 60
+    seed: int = 0
+    eval_every: int = 500
+
+
+@dataclass(frozen=True)
+class InitSweepConfig:
+    dataset: str = "mnist-5k"
+    weight_stds: tuple = (0.05, 0.5, 5.0)
+    activations: tuple = ("sigmoid", "relu")
+    lr: float = 0.1
+    steps: int = 3000
+    batch_size: int = 60
+    seed: int = 0
+    eval_every: int = 500
+
+
+def _sweep(experiment: str, config, values, key: str, out, progress, print_fn) -> dict:
+    """Train the MLP for every (activation, BN on/off, value of ``key``)."""
+    data = datasets.load(config.dataset)
+    C, S, _ = data.image_shape
+    runs = []
+    grid = [(a, bn, v) for a in config.activations for bn in (False, True) for v in values]
+    for i, (act, bn, value) in enumerate(grid, 1):
+        std = value if key == "weight_std" else config.weight_std
+        lr = value if key == "lr" else config.lr
+        model = models.paper_mlp(bn=bn, activation=act, in_features=C * S * S,
+                                 num_classes=data.num_classes, weight_std=std, seed=config.seed)
+        hist = fit(model, data, steps=config.steps, lr=lr, batch_size=config.batch_size,
+                   seed=config.seed, eval_every=config.eval_every, progress=progress,
+                   desc=f"{experiment} {i}/{len(grid)}: {act}, {'BN' if bn else 'plain'}, "
+                        f"{key}={value}")
+        runs.append({"activation": act, "bn": bn, key: value, "lr": lr, "weight_std": std,
+                     "steps": hist.eval_step, "test_accuracy": hist.test_accuracy,
+                     "final_test_accuracy": hist.test_accuracy[-1],
+                     "final_test_loss": hist.test_loss[-1], "diverged": hist.diverged,
+                     "stopped_at": hist.step[-1], "seconds": hist.seconds})
+    results = {"experiment": experiment, "dataset": data.name, "config": asdict(config),
+               "runs": runs, "environment": environment()}
+    return _finish(results, out, experiment, print_fn)
+
+
+def run_lr_sweep(config: LrSweepConfig, out=None, progress=True, print_fn=print) -> dict:
+    return _sweep("lr-sweep", config, config.lrs, "lr", out, progress, print_fn)
+
+
+def run_init_sweep(config: InitSweepConfig, out=None, progress=True, print_fn=print) -> dict:
+    return _sweep("init-sweep", config, config.weight_stds, "weight_std", out, progress, print_fn)
+
+
+def _finish(results: dict, out, prefix: str, print_fn) -> dict:
+    folder = run_dir(out, prefix)
+    write_json(folder / "results.json", results)
+    written = report.write_report(results, folder)
+    print_fn(report.summary(results))
+    print_fn("\nwrote " + ", ".join(str(folder / name) for name in ["results.json"] + written))
+    results["run_dir"] = str(folder)
+    return results

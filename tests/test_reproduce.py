@@ -1,0 +1,143 @@
+"""The paper's experiments at a tiny size: structure, figures, repeatability, reports."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bnlab import cli, models, report
+from bnlab.experiments import reproduce as R
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def load(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def fig1_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fig1")
+    config = R.Fig1Config(dataset="digits", steps=60, eval_every=20, probe_every=10,
+                          probe_size=200, lr=0.5)
+    R.run_fig1(config, out=out, progress=False, print_fn=lambda *a: None)
+    return out, config
+
+
+def test_fig1_results_structure_and_figures(fig1_run):
+    out, config = fig1_run
+    results = load(out)
+    assert results["experiment"] == "fig1" and set(results["runs"]) == {"bn", "plain"}
+    for run in results["runs"].values():
+        assert run["steps"] == [20, 40, 60]
+        assert len(run["test_accuracy"]) == 3 and all(0 <= a <= 1 for a in run["test_accuracy"])
+        assert run["probe_steps"] == [1, 10, 20, 30, 40, 50, 60]
+        assert set(run["percentiles"]) == {"15", "50", "85"}
+        p15, p50, p85 = (np.array(run["percentiles"][k]) for k in ("15", "50", "85"))
+        assert np.all(p15 <= p50) and np.all(p50 <= p85)
+        assert set(run["stability"]["50"]) == {"range", "std"}
+    assert (out / "fig1.png").read_bytes()[:8] == PNG
+    text = (out / "report.md").read_text()
+    assert "fig1.png" in text and "15th percentile range" in text and "Command:" in text
+
+
+def test_fig1_is_bit_for_bit_repeatable(fig1_run, tmp_path):
+    out, config = fig1_run
+    R.run_fig1(config, out=tmp_path, progress=False, print_fn=lambda *a: None)
+    first, second = load(out), load(tmp_path)
+    for name in ("bn", "plain"):
+        for key in ("test_accuracy", "test_loss", "percentiles", "train_loss_every_100"):
+            assert first["runs"][name][key] == second["runs"][name][key]
+
+
+def test_probe_reads_the_input_of_the_last_sigmoid():
+    model = models.paper_mlp(bn=True, in_features=16, seed=3)
+    x = np.random.default_rng(0).random((5, 16)).astype(np.float32)
+    z = R.last_sigmoid_input(model, x)
+    model.eval()
+    expected = x
+    for layer in list(model)[:9]:  # Flatten, then 3 x (Linear, BN, Sigmoid) minus the last sigmoid
+        expected = layer(expected)
+    np.testing.assert_array_equal(z, expected)
+    assert z.shape == (5, 100)
+
+
+@pytest.mark.parametrize("experiment,config,key,values,figure", [
+    ("lr-sweep", R.LrSweepConfig(dataset="digits", lrs=(0.1, 50.0), steps=30, eval_every=10),
+     "lr", [0.1, 50.0], "lr_sweep.png"),
+    ("init-sweep", R.InitSweepConfig(dataset="digits", weight_stds=(0.05, 5.0), steps=30,
+                                     eval_every=10), "weight_std", [0.05, 5.0], "init_sweep.png"),
+])
+def test_sweeps_write_every_cell(experiment, config, key, values, figure, tmp_path):
+    runner = R.run_lr_sweep if experiment == "lr-sweep" else R.run_init_sweep
+    runner(config, out=tmp_path, progress=False, print_fn=lambda *a: None)
+    results = load(tmp_path)
+    assert results["experiment"] == experiment
+    cells = {(r["activation"], r["bn"], r[key]) for r in results["runs"]}
+    assert cells == {(a, bn, v) for a in ("sigmoid", "relu") for bn in (False, True) for v in values}
+    for run in results["runs"]:
+        assert isinstance(run["diverged"], bool) and 0 <= run["final_test_accuracy"] <= 1
+    assert (tmp_path / figure).read_bytes()[:8] == PNG
+    assert "final test accuracy" in (tmp_path / "report.md").read_text()
+
+
+def test_lr_sweep_detects_divergence_of_the_plain_relu_net(tmp_path):
+    config = R.LrSweepConfig(dataset="digits", lrs=(50.0,), activations=("relu",), steps=40,
+                             eval_every=20, weight_std=1.0)
+    results = R.run_lr_sweep(config, out=tmp_path, progress=False, print_fn=lambda *a: None)
+    plain = next(r for r in results["runs"] if not r["bn"])
+    assert plain["diverged"] and plain["stopped_at"] < 40
+
+
+def test_report_regenerates_from_results_json(fig1_run, tmp_path):
+    out, _ = fig1_run
+    (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
+    assert report.regenerate(tmp_path) == ["fig1.png", "report.md"]
+    assert (tmp_path / "fig1.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
+
+
+def test_report_errors(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not a bnlab run folder" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text("{not json")
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text('{"experiment": "fig9"}')
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "expected one of" in capsys.readouterr().err
+
+
+def test_reproduce_cli_writes_into_out(tmp_path):
+    out = tmp_path / "f"
+    r = subprocess.run([sys.executable, "-m", "bnlab.cli", "reproduce", "fig1", "--steps", "30",
+                        "--dataset", "digits", "--eval-every", "10", "--no-progress",
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "test accuracy at step" in r.stdout
+    assert load(out)["runs"]["bn"]["steps"] == [10, 20, 30]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["reproduce", "fig1", "--unit", "100"], "unit must be one of the 100"),
+])
+def test_reproduce_bad_values(args, message, capsys):
+    assert cli.main(args + ["--steps", "1", "--dataset", "digits", "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["reproduce", "fig9"], ["reproduce", "lr-sweep", "--lrs", "0"],
+                                  ["reproduce", "init-sweep", "--weight-stds", "-1"]])
+def test_reproduce_option_errors(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("name", ["fig1", "lr-sweep", "init-sweep"])
+def test_reproduce_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", name, "--help"])
+    assert e.value.code == 0 and "--steps" in capsys.readouterr().out
