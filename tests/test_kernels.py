@@ -128,3 +128,23 @@ def test_non_contiguous_input_is_handled():
     xt = np.transpose(x, (0, 1, 3, 2))  # a strided view
     (y0, _), (y1, _) = both(lambda b: F.batch_norm_forward(xt, gamma, beta, backend=b))
     close(y1, y0, np.float64)
+
+
+def test_thread_cap_changes_speed_not_results(monkeypatch):
+    from bnlab.kernels import numba_bn
+
+    monkeypatch.setattr(numba_bn, "PARALLEL_MIN_SIZE", 16)  # make this small case "large"
+    x, dy, gamma, beta = data((8, 6, 9, 9), 1, np.float64, seed=7)
+    y_all, c_all = F.batch_norm_forward(x, gamma, beta, backend="numba")
+    with kernels.num_threads(1):
+        assert numba_bn.max_threads == 1
+        y_one, c_one = F.batch_norm_forward(x, gamma, beta, backend="numba")
+        g_one = F.batch_norm_backward(dy, c_one, backend="numba")
+    assert numba_bn.max_threads is None
+    g_all = F.batch_norm_backward(dy, c_all, backend="numba")
+    close(y_one, y_all, np.float64)
+    for a, b in zip(g_one, g_all):
+        close(a, b, np.float64)
+    with pytest.raises(ValueError, match="positive integer or None"):
+        with kernels.num_threads(0):
+            pass

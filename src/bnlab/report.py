@@ -254,14 +254,16 @@ def sweep_table(results) -> str:
     key = _sweep_key(results)
     rows = _sweep_grid(results)
     values = sorted({v for r in rows.values() for v in r})
-    head = f"{'final test accuracy':22s}" + "".join(f"{key + '=' + format(v, 'g'):>14s}" for v in values)
+    labels = [f"{key}={format(v, 'g')}" for v in values]
+    width = max(12, *(len(t) + 2 for t in labels))
+    head = f"{'final test accuracy':22s}" + "".join(f"{t:>{width}s}" for t in labels)
     lines = [head]
     for (act, bn), by_value in rows.items():
         cells = []
         for v in values:
             run = by_value.get(v)
             cell = "-" if run is None else f"{run['final_test_accuracy']:.3f}" + ("*" if run["diverged"] else "")
-            cells.append(f"{cell:>14s}")
+            cells.append(f"{cell:>{width}s}")
         lines.append(f"{act + (' + BN' if bn else ''):22s}" + "".join(cells))
     lines.append("* diverged (loss became NaN/inf); the accuracy is that of the network where it stopped")
     return "\n".join(lines)
