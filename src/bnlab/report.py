@@ -187,12 +187,14 @@ def plot_fig1(results: dict, path) -> Path:
 
 def fig1_tables(results: dict) -> str:
     runs, cfg = results["runs"], results["config"]
-    last = runs["bn"]["steps"][-1]
-    marks = [s for s in FIG1_STEPS if s < last] + [last]
+    evaluated = runs["bn"]["steps"]
+    # the last evaluated step at or before each mark, so every column is a real evaluation
+    marks = sorted({max((s for s in evaluated if s <= m), default=evaluated[0])
+                    for m in FIG1_STEPS if m < evaluated[-1]} | {evaluated[-1]})
     lines = [f"{'test accuracy at step':24s}" + "".join(f"{s:>8d}" for s in marks)]
     for name in ("bn", "plain"):
-        run = {"eval_step": runs[name]["steps"], "test_accuracy": runs[name]["test_accuracy"]}
-        lines.append(f"{LABELS[name]:24s}" + "".join(f"{_fmt(accuracy_at(run, s)):>8s}" for s in marks))
+        by_step = dict(zip(runs[name]["steps"], runs[name]["test_accuracy"]))
+        lines.append(f"{LABELS[name]:24s}" + "".join(f"{_fmt(by_step.get(s)):>8s}" for s in marks))
     lines.append("")
     lines.append(f"movement of sigmoid #{cfg['unit']}'s input percentiles after the first 10% "
                  "of training (range = max - min)")
