@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .. import data as datasets
-from .. import models, report
+from .. import models
 from ..train import fit
-from .runs import environment, run_dir, write_json
+from .runs import environment, finish
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,5 @@ def run(config: CompareConfig, out=None, progress: bool = True, print_fn=print) 
         runs[name] = h
     results = {"experiment": "compare", "dataset": data.name, "config": asdict(config),
                "runs": runs, "environment": environment()}
-    folder = run_dir(out, "compare")
-    write_json(folder / "results.json", results)
-    written = report.write_report(results, folder)
-    print_fn(report.compare_table(results))
-    print_fn("\nwrote " + ", ".join(str(folder / n) for n in ["results.json"] + written))
-    results["run_dir"] = str(folder)
-    return results
+    return finish(results, out, "compare", print_fn)
 

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import data as datasets
-from .. import models, nn, report
+from .. import models, nn
 from ..train import fit
-from .runs import environment, run_dir, write_json
+from .runs import environment, finish
 
 PERCENTILES = (15, 50, 85)
 
@@ -110,7 +110,7 @@ def run_fig1(config: Fig1Config, out=None, progress: bool = True, print_fn=print
         }
     results = {"experiment": "fig1", "dataset": data.name, "config": asdict(config),
                "runs": runs, "environment": environment()}
-    return _finish(results, out, "fig1", print_fn)
+    return finish(results, out, "fig1", print_fn)
 
 
 # --- sweeps --------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _sweep(experiment: str, config, values, key: str, out, progress, print_fn) -
                      "stopped_at": hist.step[-1], "seconds": hist.seconds})
     results = {"experiment": experiment, "dataset": data.name, "config": asdict(config),
                "runs": runs, "environment": environment()}
-    return _finish(results, out, experiment, print_fn)
+    return finish(results, out, experiment, print_fn)
 
 
 def run_lr_sweep(config: LrSweepConfig, out=None, progress=True, print_fn=print) -> dict:
@@ -172,12 +172,3 @@ def run_lr_sweep(config: LrSweepConfig, out=None, progress=True, print_fn=print)
 def run_init_sweep(config: InitSweepConfig, out=None, progress=True, print_fn=print) -> dict:
     return _sweep("init-sweep", config, config.weight_stds, "weight_std", out, progress, print_fn)
 
-
-def _finish(results: dict, out, prefix: str, print_fn) -> dict:
-    folder = run_dir(out, prefix)
-    write_json(folder / "results.json", results)
-    written = report.write_report(results, folder)
-    print_fn(report.summary(results))
-    print_fn("\nwrote " + ", ".join(str(folder / name) for name in ["results.json"] + written))
-    results["run_dir"] = str(folder)
-    return results

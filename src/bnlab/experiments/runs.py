@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import report
 from ..train import atomic_write
 
 
@@ -55,3 +56,15 @@ def _jsonable(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def finish(results: dict, out, prefix: str, print_fn=print) -> dict:
+    """Write results.json, the figures and report.md into the run folder; print the
+    experiment's table and what was written."""
+    folder = run_dir(out, prefix)
+    write_json(folder / "results.json", results)
+    written = report.write_report(results, folder)
+    print_fn(report.summary(results))
+    print_fn("\nwrote " + ", ".join(str(folder / name) for name in ["results.json"] + written))
+    results["run_dir"] = str(folder)
+    return results
