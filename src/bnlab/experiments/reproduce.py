@@ -58,11 +58,16 @@ def last_sigmoid_input(model: nn.Sequential, x: np.ndarray) -> np.ndarray:
     return h
 
 
-def percentile_stability(steps, series: dict, skip_fraction: float = 0.1) -> dict:
-    """How much each percentile moves after the first ``skip_fraction`` of training:
-    range (max - min) and standard deviation over the probe points."""
+def after_warmup(steps, skip_fraction: float = 0.1) -> np.ndarray:
+    """Mask of the probe points after the first ``skip_fraction`` of training."""
     steps = np.asarray(steps)
-    keep = steps >= steps[-1] * skip_fraction
+    return steps >= steps[-1] * skip_fraction
+
+
+def percentile_stability(steps, series: dict) -> dict:
+    """How much each percentile moves after the first 10% of training: range (max - min)
+    and standard deviation over the probe points."""
+    keep = after_warmup(steps)
     out = {}
     for p, values in series.items():
         v = np.asarray(values)[keep]
@@ -96,8 +101,7 @@ def run_fig1(config: Fig1Config, out=None, progress: bool = True, print_fn=print
         hist = fit(model, data, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
                    seed=config.seed, eval_every=config.eval_every, progress=progress,
                    desc=f"fig1 MLP, {'with' if bn else 'without'} BN", callback=probe)
-        medians = np.asarray(drift)                                   # (probes, 100)
-        keep = np.asarray(probe_steps) >= probe_steps[-1] * 0.1
+        medians = np.asarray(drift)[after_warmup(probe_steps)]        # (probes, 100)
         runs[name] = {
             "steps": hist.eval_step, "test_accuracy": hist.test_accuracy,
             "test_loss": hist.test_loss, "diverged": hist.diverged, "seconds": hist.seconds,
@@ -106,7 +110,7 @@ def run_fig1(config: Fig1Config, out=None, progress: bool = True, print_fn=print
             "probe_steps": probe_steps, "percentiles": pct_unit,
             "stability": percentile_stability(probe_steps, pct_unit),
             # over all 100 sigmoids: range of each one's median after 10% of training
-            "median_range_all_units": float(np.median(np.ptp(medians[keep], axis=0))),
+            "median_range_all_units": float(np.median(np.ptp(medians, axis=0))),
         }
     results = {"experiment": "fig1", "dataset": data.name, "config": asdict(config),
                "runs": runs, "environment": environment()}

@@ -7,7 +7,6 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,6 @@ def run_dir(out, prefix: str) -> Path:
     path = Path(out) if out else Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def override(config, **changes):
-    """A copy of dataclass ``config`` with ``changes``; unknown keys are an error."""
-    known = {f.name for f in fields(config)}
-    unknown = sorted(set(changes) - known)
-    if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for {type(config).__name__}; "
-                        f"known: {sorted(known)}")
-    return type(config)(**{**asdict(config), **changes})
 
 
 def environment() -> dict:

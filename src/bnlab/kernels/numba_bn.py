@@ -284,6 +284,13 @@ def _tiles(M: int, C: int) -> tuple[int, int]:
     return rb, cb
 
 
+def _call(v, last: bool, cl_kernel, cf_kernel, *args):
+    """Run the channels-last or channels-first kernel on view ``v`` (tiles for the former)."""
+    if last:
+        return _run(cl_kernel, v.size, v, *args, *_tiles(*v.shape))
+    return _run(cf_kernel, v.size, v, *args)
+
+
 def _params(gamma, beta, C):
     g = np.ones(C) if gamma is None else gamma.astype(np.float64)
     b = np.zeros(C) if beta is None else beta.astype(np.float64)
@@ -295,10 +302,7 @@ def train_forward(x, gamma, beta, eps: float, axis: int):
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
     out = np.empty_like(v)
-    if last:
-        mean, var, inv_std = _run(_cl_forward, v.size, v, g, b, float(eps), out, *_tiles(*v.shape))
-    else:
-        mean, var, inv_std = _run(_cf_forward, v.size, v, g, b, float(eps), out)
+    mean, var, inv_std = _call(v, last, _cl_forward, _cf_forward, g, b, float(eps), out)
     return out.reshape(x.shape), mean, var, inv_std
 
 
@@ -308,10 +312,7 @@ def inference(x, mean, inv_std, gamma, beta, axis: int):
     g, b = _params(gamma, beta, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = np.empty_like(v)
-    if last:
-        _run(_cl_normalize, v.size, v, mean, inv_std, g, b, out, *_tiles(*v.shape))
-    else:
-        _run(_cf_normalize, v.size, v, mean, inv_std, g, b, out)
+    _call(v, last, _cl_normalize, _cf_normalize, mean, inv_std, g, b, out)
     return out.reshape(x.shape)
 
 
@@ -322,9 +323,6 @@ def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool):
     g, _ = _params(gamma, None, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = np.empty_like(v)
-    if last:
-        dgamma, dbeta = _run(_cl_backward, v.size, v, d, mean, inv_std, g, batch_stats, out,
-                             *_tiles(*v.shape))
-    else:
-        dgamma, dbeta = _run(_cf_backward, v.size, v, d, mean, inv_std, g, batch_stats, out)
+    dgamma, dbeta = _call(v, last, _cl_backward, _cf_backward, d, mean, inv_std, g,
+                          batch_stats, out)
     return out.reshape(x.shape), dgamma, dbeta

@@ -37,6 +37,12 @@ def _check_input(x, ndim: int, what: str, axis: int | None = None, expected: int
 
 
 class _Cached(Module):
+    """A layer that keeps what its backward needs in ``self._cache``."""
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+
     def _need_cache(self):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}: backward called before forward")
@@ -62,7 +68,6 @@ class Linear(_Cached):
         self.weight = Parameter(np.empty((out_features, in_features), dtype))
         self.bias = Parameter(np.empty(out_features, dtype)) if bias else None
         init.default_(self.weight, self.bias, rng)
-        self._cache = None
 
     def forward(self, x):
         x = _check_input(x, 2, "(N, in_features)", 1, self.in_features)
@@ -109,7 +114,6 @@ class Conv2d(_Cached):
         self.weight = Parameter(np.empty((out_channels, in_channels, k, k), dtype))
         self.bias = Parameter(np.empty(out_channels, dtype)) if bias else None
         init.default_(self.weight, self.bias, rng)
-        self._cache = None
 
     def forward(self, x):
         x = _check_input(x, 4, "(N, C, H, W)", 1, self.in_channels)
@@ -142,7 +146,6 @@ class MaxPool2d(_Cached):
         super().__init__()
         self.kernel_size = _pair_int(kernel_size, "kernel_size")
         self.stride = self.kernel_size if stride is None else _pair_int(stride, "stride")
-        self._cache = None
 
     def forward(self, x):
         x = _check_input(x, 4, "(N, C, H, W)")
@@ -162,10 +165,6 @@ class MaxPool2d(_Cached):
 class ReLU(_Cached):
     """y = max(x, 0), elementwise. Shape: any."""
 
-    def __init__(self):
-        super().__init__()
-        self._cache = None
-
     def forward(self, x):
         y, self._cache = ops.relu_forward(np.asarray(x))
         return y
@@ -177,10 +176,6 @@ class ReLU(_Cached):
 class Sigmoid(_Cached):
     """y = 1 / (1 + exp(-x)), elementwise. Shape: any."""
 
-    def __init__(self):
-        super().__init__()
-        self._cache = None
-
     def forward(self, x):
         y, self._cache = ops.sigmoid_forward(np.asarray(x))
         return y
@@ -191,10 +186,6 @@ class Sigmoid(_Cached):
 
 class Flatten(_Cached):
     """(N, *) -> (N, prod(*)), as ``torch.nn.Flatten()``."""
-
-    def __init__(self):
-        super().__init__()
-        self._cache = None
 
     def forward(self, x):
         x = np.asarray(x)
@@ -217,7 +208,6 @@ class Dropout(_Cached):
             raise ValueError(f"dropout probability must be in [0, 1), got {p!r}")
         self.p = float(p)
         self.rng = np.random.default_rng() if rng is None else rng
-        self._cache = None
 
     def forward(self, x):
         x = np.asarray(x)
