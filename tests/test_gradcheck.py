@@ -23,6 +23,18 @@ def numerical_grad(f, x, h=1e-6):
     return grad
 
 
+def fd_check(layer, x, rng):
+    """dx and parameter gradients of loss = sum(w * layer(x)) against central differences."""
+    w = rng.standard_normal(layer(x).shape)
+    loss = lambda: float((w * layer(x)).sum())  # noqa: E731
+    layer.zero_grad()
+    layer(x)
+    dx = layer.backward(w)
+    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-6, atol=1e-8)
+    for p in layer.parameters():
+        np.testing.assert_allclose(p.grad, numerical_grad(loss, p.data), rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("shape,axis", [((5, 3), 1), ((3, 2, 4), 1), ((2, 3, 3, 2), 1),
                                         ((2, 3, 2, 3), -1)])
 def test_batch_norm_backward_matches_finite_differences(shape, axis):
@@ -58,17 +70,5 @@ def test_layer_backward_matches_finite_differences(layer, shape, training):
     bn.running_mean[...] = rng.standard_normal(bn.num_features)
     bn.running_var[...] = 0.5 + rng.random(bn.num_features)
     bn.train(training)
-    x = rng.standard_normal(shape)
-    w = rng.standard_normal(shape)
-
-    def loss():
-        # momentum=0 keeps the buffers still while the finite differences run
-        return float((w * bn(x)).sum())
-
-    bn.momentum = 0.0
-    bn.zero_grad()
-    bn(x)
-    dx = bn.backward(w)
-    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-6, atol=1e-8)
-    for p in bn.parameters():
-        np.testing.assert_allclose(p.grad, numerical_grad(loss, p.data), rtol=1e-6, atol=1e-8)
+    bn.momentum = 0.0  # keeps the buffers still while the finite differences run
+    fd_check(bn, rng.standard_normal(shape), rng)

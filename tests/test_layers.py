@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bnlab import nn
-from test_gradcheck import numerical_grad
+from test_gradcheck import fd_check
 
 FWD = dict(rtol=1e-12, atol=1e-12)
 BWD = dict(rtol=1e-10, atol=1e-11)
@@ -31,18 +31,6 @@ def compare_with_torch(ours, theirs, x, rng):
     np.testing.assert_allclose(dx, xt.grad.numpy(), **BWD)
     for name, p in ours.named_parameters():
         np.testing.assert_allclose(p.grad, dict(theirs.named_parameters())[name].grad.numpy(), **BWD)
-
-
-def fd_check(layer, x, rng):
-    """dx and parameter gradients of loss = sum(w * layer(x)) against central differences."""
-    w = rng.standard_normal(layer(x).shape)
-    loss = lambda: float((w * layer(x)).sum())  # noqa: E731
-    layer.zero_grad()
-    layer(x)
-    dx = layer.backward(w)
-    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-6, atol=1e-8)
-    for p in layer.parameters():
-        np.testing.assert_allclose(p.grad, numerical_grad(loss, p.data), rtol=1e-6, atol=1e-8)
 
 
 F64 = dict(dtype=np.float64)
