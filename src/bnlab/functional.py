@@ -12,10 +12,19 @@ Conventions (written down once, here; every docstring in bnlab points back to th
   ``running = (1 - momentum) * running + momentum * batch``. Keras/Flax "momentum=0.99"
   is ``momentum=0.01`` here.
 * dtypes: float32 and float64 are computed in their own precision; float16 input is
-  computed with float32 statistics and returned as float16. Integer input is a TypeError.
+  computed in float32 (its statistics are float32) and returned as float16; longdouble
+  takes the NumPy path in its own precision. Integer input is a TypeError.
+* Statistics hold at any size: every sum over the batch (mean, variance, dgamma, dbeta) is
+  accumulated in float64 (longdouble in itself), never as a float32 running sum, whose
+  error grows with m; the result is rounded once to the compute dtype.
 * The variance is computed in two passes (mean first, then the mean of squared
   deviations), never as ``E[x^2] - E[x]^2``, so a large common offset such as
-  ``x = 1e4 + noise`` in float32 does not cancel it away.
+  ``x = 1e4 + noise`` in float32 does not cancel it away, at m = 1e6 as at m = 10.
+  Finite inputs never overflow the sums (float64 ones are rescaled by a power of two when
+  they would); a variance beyond the dtype's range is an error in BN, inf in ``moments``.
+* Elementwise steps (x_hat, y, dx) run in the compute dtype and subtract the mean first:
+  ``(x - mu) * inv_std``, so y's error is about half an ulp of mu, times inv_std: for a
+  large offset, no more than the rounding that the input itself already carries.
 
 The algorithm (Ioffe & Szegedy 2015, Algorithm 1), per channel over a mini-batch B:
 
@@ -27,6 +36,7 @@ The algorithm (Ioffe & Szegedy 2015, Algorithm 1), per channel over a mini-batch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +60,8 @@ __all__ = [
 def _check_float(x: np.ndarray, name: str = "x") -> None:
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(
-            f"expected a floating-point array for {name} (float16, float32 or float64), "
-            f"got dtype {x.dtype}"
+            f"expected a floating-point array for {name} (float16, float32, float64 or "
+            f"longdouble), got dtype {x.dtype}"
         )
 
 
@@ -60,11 +70,29 @@ def _compute_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)
 
 
+def _accumulator(dtype: np.dtype) -> np.dtype:
+    """Sums accumulate in float64 at least: float16/float32 in float64, longdouble in itself."""
+    return np.promote_types(dtype, np.float64)
+
+
+def _check_number(v, name: str, minimum: float | None = None) -> float:
+    """A finite real scalar (eps, momentum); ``minimum`` bounds it from below when given."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {v!r} ({type(v).__name__})")
+    v = float(v)
+    if not np.isfinite(v) or (minimum is not None and v < minimum):
+        bound = "a finite number" if minimum is None else f"a finite number >= {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {v!r}")
+    return v
+
+
 def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
     if isinstance(axes, (int, np.integer)):
         axes = (axes,)
     out = []
     for a in axes:
+        if isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer)):
+            raise TypeError(f"axes must be integers, got {a!r} ({type(a).__name__})")
         a = int(a)
         if not -ndim <= a < ndim:
             raise ValueError(f"axis {a} is out of range for an array of rank {ndim}")
@@ -95,24 +123,81 @@ def _check_channel_vector(v, name: str, C: int, dtype: np.dtype) -> np.ndarray |
     return v.astype(dtype, copy=False)
 
 
-def _check_finite_stats(mean: np.ndarray, var: np.ndarray, x_shape) -> None:
-    """Non-finite batch statistics mean the input held NaN or inf (checked on (C,), not on x)."""
+def _check_running_buffer(buf, name: str, C: int) -> None:
+    """A running-statistics buffer is updated in place: a float NumPy array of shape (C,)."""
+    if buf is None:
+        return
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"{name} is updated in place, so it must be a NumPy array of shape "
+                        f"({C},), got {type(buf).__name__}")
+    _check_channel_vector(buf, name, C, buf.dtype)
+    if not buf.flags.writeable:
+        raise ValueError(f"{name} is updated in place, but the array given is read-only")
+
+
+def _count(shape, axes) -> int:
+    """Number of values reduced over ``axes`` (m, per channel)."""
+    return math.prod(shape[a] for a in axes)
+
+
+def _check_finite_stats(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> None:
+    """Non-finite batch statistics: NaN/inf in x, or a variance beyond the dtype's range.
+
+    Checked on the (C,) statistics; x itself is scanned only on this failure path, to say
+    which of the two it is.
+    """
     bad = ~(np.isfinite(mean) & np.isfinite(var))
-    if bad.any():
-        ch = np.flatnonzero(bad)
+    if not bad.any():
+        return
+    ch = np.flatnonzero(bad)
+    where = f"channel(s) {ch[:8].tolist()} (mean={mean[ch[0]]}, var={var[ch[0]]})"
+    if np.isfinite(x).all():
         raise FloatingPointError(
-            f"input of size {tuple(x_shape)} contains NaN or inf: batch statistics of "
-            f"channel(s) {ch[:8].tolist()} are not finite (mean={mean[ch[0]]}, var={var[ch[0]]})"
+            f"input of size {tuple(x.shape)} is finite, but the batch variance of {where} "
+            f"overflows {var.dtype}: rescale the input or compute in float64"
         )
+    raise FloatingPointError(
+        f"input of size {tuple(x.shape)} contains NaN or inf: batch statistics of {where} "
+        f"are not finite"
+    )
+
+
+def _cast(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round to ``dtype``; a value past its range becomes inf (IEEE), without a warning."""
+    with np.errstate(over="ignore"):
+        return v.astype(dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def _two_pass(x: np.ndarray, axes: tuple[int, ...]):
+    acc = _accumulator(x.dtype)
+    mean = x.mean(axis=axes, dtype=acc, keepdims=True)
+    dev = np.subtract(x, mean, dtype=acc)                       # like x, in acc
+    return mean, np.square(dev, out=dev).mean(axis=axes, keepdims=True)
+
+
+def _moments_keepdims(x: np.ndarray, axes: tuple[int, ...]):
+    """Mean and biased variance over ``axes`` (kept with length 1), in float64 or wider.
+
+    Two passes, both accumulated in float64 (longdouble in itself): the mean, then the mean
+    of the squared deviations from it. A float32 running sum would not do: its rounding
+    error grows with m, and for ``x = 1e4 + noise`` it leaves nothing of the variance by
+    m = 1e5. Finite inputs do not overflow: float16/float32 values cannot overflow float64
+    sums, and float64 sums past 1.8e308 are redone on x scaled by a power of two (exact).
+    A variance that is itself beyond the dtype's range is inf.
+    """
+    mean, var = _two_pass(x, axes)
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()) and np.isfinite(x).all():
+        scale = np.ldexp(1.0, int(np.frexp(np.abs(x).max())[1]))   # 2^k >= max|x|
+        mean, var = _two_pass(x / scale, axes)
+        with np.errstate(over="ignore"):
+            mean, var = mean * scale, var * scale * scale
+    return mean, var
 
 
 # ----------------------------------------------------------------------------- TF-style
-
-
-def _moments_keepdims(xc: np.ndarray, axes: tuple[int, ...]):
-    """Two-pass mean and biased variance in ``xc``'s own precision, reduced axes kept."""
-    mean = xc.mean(axis=axes, keepdims=True)
-    return mean, np.square(xc - mean).mean(axis=axes, keepdims=True)
 
 
 def moments(x, axes, shift=None, keepdims: bool = False):
@@ -120,6 +205,9 @@ def moments(x, axes, shift=None, keepdims: bool = False):
 
         mean     = 1/m * sum(x)
         variance = 1/m * sum((x - mean)^2)      (two passes: no E[x^2] - E[x]^2)
+
+    Both sums are accumulated in float64 (see the module docstring), so the result is the
+    float64 statistic rounded once to ``x``'s dtype.
 
     Args:
         x: floating-point array.
@@ -129,8 +217,11 @@ def moments(x, axes, shift=None, keepdims: bool = False):
         keepdims: keep the reduced axes with length 1 (for broadcasting back onto ``x``).
 
     Returns:
-        ``(mean, variance)`` in ``x``'s dtype. float16 input is accumulated in float32 and
-        the results are cast back to float16 (as TensorFlow does).
+        ``(mean, variance)`` in ``x``'s dtype (float16 in, float16 out, as TensorFlow; a
+        variance beyond float16's range, 65504, is then inf, as there).
+
+    Raises:
+        ValueError: ``axes`` cover no values while other axes do (statistics of nothing).
 
     Example:
         >>> mean, var = moments(np.array([[1.0, 2.0], [3.0, 6.0]]), axes=[0])
@@ -141,10 +232,17 @@ def moments(x, axes, shift=None, keepdims: bool = False):
     x = np.asarray(x)
     _check_float(x)
     axes = _normalize_axes(axes, x.ndim)
-    mean, variance = _moments_keepdims(x.astype(_compute_dtype(x.dtype), copy=False), axes)
+    kept = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    if _count(x.shape, axes) == 0 and math.prod(kept) > 0:
+        raise ValueError(f"moments over no values: axes {list(axes)} of x with shape "
+                         f"{x.shape} are empty")
+    if x.size == 0:  # then there are no statistics to compute either: kept has a 0
+        mean = variance = np.zeros(kept, x.dtype)
+    else:
+        mean, variance = _moments_keepdims(x, axes)
     if not keepdims:
         mean, variance = mean.squeeze(axis=axes), variance.squeeze(axis=axes)
-    return mean.astype(x.dtype, copy=False), variance.astype(x.dtype, copy=False)
+    return _cast(mean, x.dtype), _cast(variance, x.dtype)
 
 
 def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name=None):
@@ -158,7 +256,8 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     function takes given statistics, so it does not widen them); the result matches
     TensorFlow bit for bit. Statistics and parameters broadcast against ``x`` by NumPy's
     rules (so per-channel (C,) vectors fit NHWC and (N, C) directly, and keepdims
-    statistics fit any layout).
+    statistics fit any layout). ``mean``, ``variance`` and ``variance_epsilon`` are
+    required; ``offset`` and ``scale`` may be None.
     ``name`` is accepted for signature compatibility and ignored.
 
     Returns:
@@ -176,8 +275,12 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     _check_float(x)
     arrays = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     for k, v in arrays.items():
+        if v is None and k in ("mean", "variance"):
+            raise TypeError(f"{k} is required (an array that broadcasts against x of shape "
+                            f"{x.shape}), got None")
         if v is not None:
             _check_float(np.asarray(v), k)
+    variance_epsilon = _check_number(variance_epsilon, "variance_epsilon")
     # TensorFlow computes every op in x's dtype (float16 too), rsqrt through float32 with one
     # rounding; doing the same makes the result identical bit for bit, float16 included.
     dt = x.dtype
@@ -231,6 +334,21 @@ def _prepare(x, gamma, beta, axis):
     return x, axis, reduce_axes, bshape, C, cdt, gamma, beta
 
 
+def _kernels(backend: str, x: np.ndarray):
+    """The fast kernel module for ``x`` (compute dtype), or None for the NumPy reference.
+
+    Empty tensors (zero channels) take the reference: there is nothing to be fast at.
+    """
+    fast = kernels.resolve(backend, x.dtype)
+    return None if x.size == 0 else fast
+
+
+def _normalize(xc, mean, inv_std, bshape):
+    """x_hat = (x - mean) * inv_std in xc's precision; the mean is subtracted first, so a
+    large common offset cancels exactly instead of in ``x * inv_std - mean * inv_std``."""
+    return (xc - mean.reshape(bshape)) * inv_std.reshape(bshape)
+
+
 def _affine(x_hat, gamma, beta, bshape):
     y = x_hat if gamma is None else x_hat * gamma.reshape(bshape)
     return y if beta is None else y + beta.reshape(bshape)
@@ -244,40 +362,47 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
         x_hat   = (x - mu) / sqrt(var + eps)
         y       = gamma * x_hat + beta
 
+    mu, var and 1/sqrt(var + eps) are computed in float64 (see the module docstring) and
+    rounded once to the compute dtype; x_hat and y are computed in the compute dtype.
+
     Args:
         x: input, e.g. (N, C), (N, C, L), (N, C, H, W) or NHWC with ``axis=-1``.
         gamma: (C,) scale, or None for 1.
         beta: (C,) shift, or None for 0.
-        eps: added to the variance; default 1e-5.
+        eps: added to the variance, a number >= 0; default 1e-5.
         axis: the channel axis; default 1 (see the module docstring).
-        backend: "auto" (fused kernels when numba is available), "numpy" (this reference)
-            or "numba"; see :mod:`bnlab.kernels`.
+        backend: "auto" (fused kernels when numba is available and the dtype is one they
+            take), "numpy" (this reference) or "numba"; see :mod:`bnlab.kernels`.
 
     Returns:
         ``(y, cache)``: ``y`` like ``x`` (same dtype), ``cache`` a :class:`BNCache` for
         :func:`batch_norm_backward`; ``cache.mean`` and ``cache.var`` are the batch statistics.
 
     Raises:
-        ValueError: only one value per channel (``m == 1``), or gamma/beta not (C,).
-        FloatingPointError: the input holds NaN or inf.
+        ValueError: at most one value per channel (``m <= 1``), or gamma/beta not (C,).
+        FloatingPointError: the input holds NaN or inf, or its variance is beyond the
+            compute dtype's range.
     """
     x, axis, reduce_axes, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
-    if x.size // C <= 1:
+    eps = _check_number(eps, "eps", 0.0)
+    m = _count(x.shape, reduce_axes)
+    if m <= 1:
         raise ValueError(
             f"expected more than 1 value per channel when training, got input of size {x.shape}"
         )
     xc = x.astype(cdt, copy=False)
-    fast = kernels.resolve(backend)
+    fast = _kernels(backend, xc)
     if fast is not None:
-        y, *stats = fast.train_forward(xc, gamma, beta, eps, axis)
-        mean, var, inv_std = (v.astype(cdt) for v in stats)  # statistics in compute dtype
-        _check_finite_stats(mean, var, x.shape)
-    else:
+        y, mean, var, inv_std = fast.train_forward(xc, gamma, beta, eps, axis)  # float64 stats
+        if not np.isfinite(var).all() and np.isfinite(x).all():
+            fast = None  # the kernels' float64 sums overflowed (|x| ~ 1e154): the reference rescales
+    if fast is None:
         mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
-        _check_finite_stats(mean, var, x.shape)
-        inv_std = 1.0 / np.sqrt(var + cdt.type(eps))                          # (C,)
-        x_hat = (xc - mean.reshape(bshape)) * inv_std.reshape(bshape)        # like x
-        y = _affine(x_hat, gamma, beta, bshape)
+        inv_std = 1.0 / np.sqrt(var + eps)                                       # (C,)
+    mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))  # compute dtype
+    _check_finite_stats(x, mean, var)
+    if fast is None:
+        y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)  # like x
     g = np.ones(C, cdt) if gamma is None else gamma
     cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var)
     return y.astype(x.dtype, copy=False), cache
@@ -295,6 +420,7 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
 
     The first ``dx`` is the paper's chain rule through mu and sigma^2 collapsed into one
     formula; the second holds in evaluation mode, where mean and variance are constants.
+    The sums are accumulated in float64, like the statistics.
 
     Args:
         dy: upstream gradient, same shape as the forward input.
@@ -310,21 +436,21 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
     if dy.shape != cache.x.shape:
         raise ValueError(f"dy has shape {dy.shape}, expected the forward input's {cache.x.shape}")
     x = cache.x
-    fast = kernels.resolve(backend)
+    cdt = x.dtype
+    fast = _kernels(backend, x)
     if fast is not None:
         dx, dgamma, dbeta = fast.backward(dy, x, cache.mean, cache.inv_std, cache.gamma,
                                           cache.axis, cache.batch_stats)
-        cdt = x.dtype
-        return dx.astype(cache.out_dtype, copy=False), dgamma.astype(cdt), dbeta.astype(cdt)
+        return dx.astype(cache.out_dtype, copy=False), _cast(dgamma, cdt), _cast(dbeta, cdt)
     _, reduce_axes, bshape = _channel_axes(x, cache.axis)
-    dyc = dy.astype(x.dtype, copy=False)
-    inv_std = cache.inv_std.astype(x.dtype, copy=False).reshape(bshape)
-    x_hat = (x - cache.mean.astype(x.dtype, copy=False).reshape(bshape)) * inv_std  # like x
-    dbeta = dyc.sum(axis=reduce_axes)                                       # (C,)
-    dgamma = (dyc * x_hat).sum(axis=reduce_axes)                            # (C,)
-    scale = cache.gamma.reshape(bshape) * inv_std                           # (1, C, 1, 1)
+    acc = _accumulator(cdt)
+    dyc = dy.astype(cdt, copy=False)
+    x_hat = _normalize(x, cache.mean, cache.inv_std, bshape)                # like x
+    dbeta = _cast(dyc.sum(axis=reduce_axes, dtype=acc), cdt)                # (C,)
+    dgamma = _cast((dyc * x_hat).sum(axis=reduce_axes, dtype=acc), cdt)     # (C,)
+    scale = cache.gamma.reshape(bshape) * cache.inv_std.reshape(bshape)     # (1, C, 1, 1)
     if cache.batch_stats:
-        m = x.size // x.shape[cache.axis]
+        m = _count(x.shape, reduce_axes)
         dx = (scale / m) * (m * dyc - dbeta.reshape(bshape) - x_hat * dgamma.reshape(bshape))
     else:
         dx = scale * dyc
@@ -342,15 +468,16 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int
     so the output of one sample does not depend on the rest of the batch.
     """
     x, axis, _, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
+    eps = _check_number(eps, "eps", 0.0)
     mean = _check_channel_vector(mean, "running_mean", C, cdt)
     var = _check_channel_vector(var, "running_var", C, cdt)
-    inv_std = 1.0 / np.sqrt(var + cdt.type(eps))
+    inv_std = _cast(1.0 / np.sqrt(var.astype(_accumulator(cdt)) + eps), cdt)   # (C,)
     xc = x.astype(cdt, copy=False)
-    fast = kernels.resolve(backend)
+    fast = _kernels(backend, xc)
     if fast is not None:
         y = fast.inference(xc, mean, inv_std, gamma, beta, axis)
     else:
-        y = _affine((xc - mean.reshape(bshape)) * inv_std.reshape(bshape), gamma, beta, bshape)
+        y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)
     g = np.ones(C, cdt) if gamma is None else gamma
     cache = BNCache(xc, mean, inv_std, g, axis, False, x.dtype)
     return y.astype(x.dtype, copy=False), cache
@@ -393,9 +520,13 @@ def batch_norm(
     Args:
         x: input with channels on ``axis`` (default 1; -1 for NHWC).
         running_mean, running_var: (C,) float arrays, or None (only when ``training``).
+            In training they are updated in place, so they must be writeable NumPy arrays.
         weight, bias: (C,) gamma and beta, or None.
         training: use batch statistics; default False.
-        momentum: weight of the new batch; default 0.1 (Keras 0.99 is 0.01 here).
+        momentum: weight of the new batch, in [0, 1]; default 0.1 (Keras 0.99 is 0.01
+            here). The layers' ``momentum=None`` (a cumulative average) is theirs alone:
+            it needs the count of batches seen, which a function does not keep; pass
+            ``momentum=1 / num_batches_tracked`` for the same update.
         eps: default 1e-5.
         backend: as in :func:`batch_norm_forward`.
 
@@ -403,13 +534,22 @@ def batch_norm(
         ``y`` like ``x``.
     """
     if training:
-        y, cache = batch_norm_forward(x, weight, bias, eps=eps, axis=axis, backend=backend)
-        C = cache.mean.shape[0]
+        if momentum is None:
+            raise TypeError(
+                "momentum=None (a cumulative average) needs the number of batches seen, which "
+                "the functional form does not keep: pass momentum=1/num_batches_tracked (what "
+                "nn.BatchNorm1d/2d(momentum=None) do), or use those layers"
+            )
+        momentum = _check_number(momentum, "momentum", 0.0)
+        if momentum > 1:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        x = np.asarray(x)
+        channel, reduce_axes, _ = _channel_axes(x, axis)
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
-            if buf is not None:
-                _check_channel_vector(buf, name, C, np.asarray(buf).dtype)
+            _check_running_buffer(buf, name, x.shape[channel])
+        y, cache = batch_norm_forward(x, weight, bias, eps=eps, axis=axis, backend=backend)
         update_running_stats(running_mean, running_var, cache.mean, cache.var,
-                             cache.x.size // C, momentum)
+                             _count(x.shape, reduce_axes), momentum)
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
@@ -421,11 +561,15 @@ def batch_norm(
 def standardize(x, axis=None, eps: float = 0.0):
     """z-score: ``(x - mean) / sqrt(var + eps)`` with the biased variance.
 
+    The statistics are accumulated in float64, as everywhere in bnlab (see the module
+    docstring); the subtraction and scaling are done in the compute dtype.
+
     Args:
         x: floating-point array.
         axis: axis or axes to take mean and variance over; None (default) for all of ``x``.
             ``axis=0`` on (N, D) standardizes each feature over the samples.
-        eps: default 0.0 (pure z-score); add a small value to guard constant inputs.
+        eps: a number >= 0, default 0.0 (pure z-score: a constant feature gives 0/0 = NaN,
+            with NumPy's warning); add a small value to map constant features to 0.
 
     Returns:
         Array like ``x``: zero mean and unit variance over ``axis``.
@@ -433,8 +577,12 @@ def standardize(x, axis=None, eps: float = 0.0):
     x = np.asarray(x)
     _check_float(x)
     axes = tuple(range(x.ndim)) if axis is None else _normalize_axes(axis, x.ndim)
+    eps = _check_number(eps, "eps", 0.0)
+    if x.size == 0:
+        return x.copy()
     cdt = _compute_dtype(x.dtype)
-    xc = x.astype(cdt, copy=False)
-    mean, var = _moments_keepdims(xc, axes)
-    z = (xc - mean) / np.sqrt(var + cdt.type(eps))
+    mean, var = _moments_keepdims(x, axes)                      # keepdims, float64
+    with np.errstate(divide="ignore"):                          # eps = 0, constant: 0 * inf
+        inv_std = 1.0 / np.sqrt(var + eps)
+    z = _normalize(x.astype(cdt, copy=False), _cast(mean, cdt), _cast(inv_std, cdt), mean.shape)
     return z.astype(x.dtype, copy=False)

@@ -16,7 +16,10 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import numpy as np
+
 BACKENDS = ("auto", "numpy", "numba")
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # compute dtypes the kernels take
 _loaded = {}
 
 
@@ -31,8 +34,12 @@ def _numba_module():
     return _loaded["numba"]
 
 
-def resolve(backend: str = "auto"):
-    """The kernel module for ``backend``, or None for the NumPy reference."""
+def resolve(backend: str = "auto", dtype=None):
+    """The kernel module for ``backend``, or None for the NumPy reference.
+
+    ``dtype`` is the compute dtype of the call: "auto" takes the reference for a dtype the
+    kernels lack (longdouble), an explicit "numba" refuses it with a TypeError.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -41,12 +48,17 @@ def resolve(backend: str = "auto"):
             raise ValueError(f"BNLAB_BACKEND must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
             mod = _numba_module()
-            return None if isinstance(mod, ImportError) else mod
+            if isinstance(mod, ImportError) or (dtype is not None and dtype not in DTYPES):
+                return None
+            return mod
     if backend == "numpy":
         return None
     mod = _numba_module()
     if isinstance(mod, ImportError):
         raise ImportError(f'backend="numba" needs numba, which failed to import: {mod}')
+    if dtype is not None and dtype not in DTYPES:
+        raise TypeError(f'backend="numba" computes in float32 or float64 (float16 through '
+                        f'float32), got {np.dtype(dtype)}; use backend="numpy" for it')
     return mod
 
 

@@ -31,7 +31,7 @@ against 0.7 ms with one; a CNN with 64x64x32x32 BN tensors 353 ms against 238 ms
 all of them.
 
 Compiled functions are cached on disk (``cache=True``): the first use in a fresh
-environment compiles them (about 10 s for all layouts and dtypes); later processes load
+environment compiles them (tools/compile_times.py measures it); later processes load
 them in well under a second.
 """
 
@@ -246,8 +246,20 @@ def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
 # --- dispatch (called by bnlab.functional with validated float32/float64 arrays) -----------
 
 PARALLEL_MIN_SIZE = 1 << 20  # elements (4 MiB of float32); see the module docstring
+
+
+def _threads_from_env() -> int | None:
+    """``BNLAB_NUM_THREADS``: a positive integer cap for the whole process; unset: no cap."""
+    text = os.environ.get("BNLAB_NUM_THREADS", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"BNLAB_NUM_THREADS must be a positive integer, got {text!r}")
+    return int(text)
+
+
 # set by bnlab.kernels.num_threads(); None: all of numba's threads
-max_threads: int | None = int(os.environ["BNLAB_NUM_THREADS"]) if os.environ.get("BNLAB_NUM_THREADS") else None
+max_threads: int | None = _threads_from_env()
 
 
 def _run(kernel, size: int, *args):
