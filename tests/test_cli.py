@@ -6,7 +6,10 @@ import sys
 
 import pytest
 
+import numpy as np
+
 from bnlab import cli
+from bnlab.experiments import four_steps
 
 
 def run_cli(*args):
@@ -66,7 +69,30 @@ def test_train_then_init_from_its_checkpoint(tmp_path):
     assert r.returncode == 2 and "does not fit this model" in r.stderr
 
 
-def test_steps_worked_example(capsys):
+def test_steps_checks_the_hand_computation_against_the_library(capsys, monkeypatch):
     assert cli.main(["steps", "--batch-size", "16"]) == 0
     out = capsys.readouterr().out
-    assert "1. mini-batch mean" in out and "4. scale and shift" in out
+    assert "1. mini-batch mean" in out and "4. scale and shift" in out and "the same y" in out
+    # a library off by 1e-4 (a planted bug) makes the command fail
+    real = four_steps.F.batch_norm_forward
+
+    def off_by_a_little(*args, **kwargs):
+        y, cache = real(*args, **kwargs)
+        return y + np.float32(1e-4), cache
+
+    monkeypatch.setattr(four_steps.F, "batch_norm_forward", off_by_a_little)
+    assert cli.main(["steps", "--batch-size", "16"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    assert cli.main(["steps", "--batch-size", "1"]) == 2
+    assert "at least 2 digits" in capsys.readouterr().err
+
+
+def test_steps_numbers_are_the_batch_statistics():
+    """The printed steps are the mean, variance, x_hat and y of the batch, per pixel."""
+    r = four_steps.run(batch_size=32, seed=3, out=lambda *a: None)
+    x = four_steps._load_batch(32, 3)[:, [350, 380, 430, 460]].astype(np.float64)
+    np.testing.assert_allclose(r["mean"], x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(r["var"], x.var(axis=0), rtol=1e-12)
+    z = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(r["y"], 2.0 * z + 0.5, rtol=1e-12, atol=1e-12)
+    assert r["ok"] and r["max_abs_diff"] <= r["tolerance"] < 1e-5

@@ -6,6 +6,8 @@ from hypothesis import strategies as st
 
 import bnlab
 from bnlab import nn
+from truth import (assert_within, channel_shape, exact_bn, grad_bounds, reduce_axes, stat_bounds,
+                   y_bound)
 
 shapes4 = st.tuples(st.integers(2, 6), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4))
 
@@ -46,21 +48,33 @@ def test_eval_output_of_a_sample_does_not_depend_on_the_batch(shape, seed, i):
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes4, seed=st.integers(0, 2**32 - 1), training=st.booleans())
-def test_nhwc_equals_transposed_nchw(shape, seed, training):
+@given(shape=shapes4, seed=st.integers(0, 2**32 - 1), nhwc=st.booleans())
+def test_float32_layers_are_within_rounding_of_the_exact_result(shape, seed, nhwc):
+    """NCHW and NHWC float32 layers against the extended-precision truth, with the
+    rounding-error bounds of tests/truth.py: y, dx, weight.grad, bias.grad, running_var."""
     C = shape[1]
-    nchw, nhwc = nn.BatchNorm2d(C), nn.BatchNorm2d(C, data_format="NHWC")
+    bn = nn.BatchNorm2d(C, data_format="NHWC" if nhwc else "NCHW")
     rng = np.random.default_rng(seed)
-    gamma, beta = rng.standard_normal(C), rng.standard_normal(C)
-    for bn in (nchw, nhwc):
-        bn.weight.data[...] = gamma
-        bn.bias.data[...] = beta
-        bn.train(training)
+    gamma, beta = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    bn.weight.data[...] = gamma
+    bn.bias.data[...] = beta
     x = data(seed, shape, np.float32)
     dy = data(seed + 1, shape, np.float32)
-    y1, y2 = nchw(x), nhwc(x.transpose(0, 2, 3, 1))
-    dx1, dx2 = nchw.backward(dy), nhwc.backward(dy.transpose(0, 2, 3, 1))
-    np.testing.assert_allclose(y2, y1.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx2, dx1.transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(nhwc.weight.grad, nchw.weight.grad, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(nhwc.running_var, nchw.running_var, rtol=1e-5)
+    if nhwc:
+        x, dy = x.transpose(0, 2, 3, 1), dy.transpose(0, 2, 3, 1)
+    axis = 3 if nhwc else 1
+    y = bn(x)
+    dx = bn.backward(dy)
+    b = stat_bounds(x, reduce_axes(4, axis), np.float32)
+    truth = exact_bn(x, gamma, beta, bn.eps, axis, dy)
+    assert_within(y, truth["y"], y_bound(truth, beta.reshape(channel_shape(4, axis, C)),
+                                         np.float32, b), "y")
+    err_dx, err_dgamma, err_dbeta = grad_bounds(truth, dy, np.float32, b)
+    assert_within(dx, truth["dx"], err_dx, "dx")
+    assert_within(bn.weight.grad, truth["dgamma"], err_dgamma, "weight.grad")
+    assert_within(bn.bias.grad, truth["dbeta"], err_dbeta, "bias.grad")
+    m = x.size // C
+    unbiased = b.var * m / (m - 1)   # running_var = 0.9 * 1 + 0.1 * unbiased, in float32
+    assert_within(bn.running_var, 0.9 + 0.1 * unbiased,
+                  0.1 * (b.var_err + 2**-23 * unbiased) * m / (m - 1) + 2**-22 * (1 + unbiased),
+                  "running_var")

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from bnlab import cli, models, report
+from bnlab import cli, data, models, nn, report
 from bnlab.experiments import reproduce as R
+from bnlab.train import fit
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -21,7 +22,7 @@ def load(folder):
 def fig1_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fig1")
     config = R.Fig1Config(dataset="digits", steps=60, eval_every=20, probe_every=10,
-                          probe_size=200, lr=0.5)
+                          probe_size=200, lr=0.5, unit=7)
     R.run_fig1(config, out=out, progress=False, print_fn=lambda *a: None)
     return out, config
 
@@ -35,12 +36,37 @@ def test_fig1_results_structure_and_figures(fig1_run):
         assert len(run["test_accuracy"]) == 3 and all(0 <= a <= 1 for a in run["test_accuracy"])
         assert run["probe_steps"] == [1, 10, 20, 30, 40, 50, 60]
         assert set(run["percentiles"]) == {"15", "50", "85"}
-        p15, p50, p85 = (np.array(run["percentiles"][k]) for k in ("15", "50", "85"))
-        assert np.all(p15 <= p50) and np.all(p50 <= p85)
+        assert all(len(v) == len(run["probe_steps"]) for v in run["percentiles"].values())
         assert set(run["stability"]["50"]) == {"range", "std"}
     assert (out / "fig1.png").read_bytes()[:8] == PNG
     text = (out / "report.md").read_text()
     assert "fig1.png" in text and "15th percentile range" in text and "Command:" in text
+
+
+def test_fig1_percentiles_are_those_of_the_probed_unit(fig1_run):
+    """The last probe's percentiles are np.percentile of unit ``unit``'s input to the last
+    sigmoid over the probe images, recomputed from a network trained the same way."""
+    out, config = fig1_run
+    results = load(out)
+    digits = data.load(config.dataset)
+    probe_x = digits.test[0][:config.probe_size]
+    for name, bn in (("bn", True), ("plain", False)):
+        model = models.paper_mlp(bn=bn, activation="sigmoid", in_features=probe_x[0].size,
+                                 num_classes=digits.num_classes, weight_std=config.weight_std,
+                                 seed=config.seed)
+        fit(model, digits, steps=config.steps, lr=config.lr, batch_size=config.batch_size,
+            seed=config.seed, eval_every=config.eval_every, progress=False)
+        model.eval()
+        layers = list(model)
+        last = max(i for i, layer in enumerate(layers) if isinstance(layer, nn.Sigmoid))
+        h = probe_x
+        for layer in layers[:last]:   # Flatten, (Linear, [BN], Sigmoid) x 2, Linear, [BN]
+            h = layer(h)
+        expected = np.percentile(h[:, config.unit], [15, 50, 85])
+        run = results["runs"][name]
+        assert run["probe_steps"][-1] == config.steps
+        got = [run["percentiles"][p][-1] for p in ("15", "50", "85")]
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_fig1_is_bit_for_bit_repeatable(fig1_run, tmp_path):

@@ -57,8 +57,12 @@ def _add_training_options(p, defaults) -> None:
 def _cmd_steps(args) -> int:
     from .experiments import four_steps
 
-    four_steps.run(batch_size=args.batch_size, seed=args.seed)
-    return 0
+    try:
+        result = four_steps.run(batch_size=args.batch_size, seed=args.seed)
+    except ValueError as e:
+        print(f"bnlab steps: {e}", file=sys.stderr)
+        return 2
+    return 0 if result["ok"] else 1
 
 
 def _cmd_train(args) -> int:

@@ -87,7 +87,7 @@ def _check_number(v, name: str, minimum: float | None = None) -> float:
 
 
 def _normalize_axes(axes, ndim: int) -> tuple[int, ...]:
-    if isinstance(axes, (int, np.integer)):
+    if np.ndim(axes) == 0:
         axes = (axes,)
     out = []
     for a in axes:
@@ -152,9 +152,10 @@ def _check_finite_stats(x: np.ndarray, mean: np.ndarray, var: np.ndarray) -> Non
     ch = np.flatnonzero(bad)
     where = f"channel(s) {ch[:8].tolist()} (mean={mean[ch[0]]}, var={var[ch[0]]})"
     if np.isfinite(x).all():
+        wider = "" if var.dtype.itemsize >= 8 else " or compute in float64"
         raise FloatingPointError(
             f"input of size {tuple(x.shape)} is finite, but the batch variance of {where} "
-            f"overflows {var.dtype}: rescale the input or compute in float64"
+            f"overflows {var.dtype}: rescale the input{wider}"
         )
     raise FloatingPointError(
         f"input of size {tuple(x.shape)} contains NaN or inf: batch statistics of {where} "
@@ -188,11 +189,11 @@ def _moments_keepdims(x: np.ndarray, axes: tuple[int, ...]):
     sums, and float64 sums past 1.8e308 are redone on x scaled by a power of two (exact).
     A variance that is itself beyond the dtype's range is inf.
     """
-    mean, var = _two_pass(x, axes)
-    if not (np.isfinite(mean).all() and np.isfinite(var).all()) and np.isfinite(x).all():
-        scale = np.ldexp(1.0, int(np.frexp(np.abs(x).max())[1]))   # 2^k >= max|x|
-        mean, var = _two_pass(x / scale, axes)
-        with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled below
+        mean, var = _two_pass(x, axes)
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()) and np.isfinite(x).all():
+            scale = np.ldexp(1.0, int(np.frexp(np.abs(x).max())[1]) - 1)  # max|x| / scale < 2
+            mean, var = _two_pass(x / scale, axes)
             mean, var = mean * scale, var * scale * scale
     return mean, var
 
