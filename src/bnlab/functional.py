@@ -396,7 +396,7 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
     if fast is not None:
         y, mean, var, inv_std = fast.train_forward(xc, gamma, beta, eps, axis)  # float64 stats
         if not np.isfinite(var).all() and np.isfinite(x).all():
-            fast = None  # the kernels' float64 sums overflowed (|x| ~ 1e154): the reference rescales
+            fast = None  # the kernels' float64 sums overflowed; the reference rescales
     if fast is None:
         mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
         inv_std = 1.0 / np.sqrt(var + eps)                                       # (C,)

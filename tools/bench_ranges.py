@@ -1,0 +1,72 @@
+"""The targets table of docs/performance.md, computed from committed `bnlab bench` runs.
+
+Every figure in that table is the range (min - max) of one ratio over the JSON files given,
+each written by ``bnlab bench --json FILE``, with how many runs met the target. Usage:
+
+    .venv/bin/python tools/bench_ranges.py docs/bench/run-*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+# (label, case name or layout, dtype, key: a copy_times entry or a ratio field, limit)
+TARGETS = [
+    ("NCHW f32 train <= 5 copy-times", "NCHW 64x64x32x32", "float32", "train/fused", 5.0),
+    ("NCHW f32 train <= 0.6 x PyTorch NCHW", "NCHW 64x64x32x32", "float32",
+     "train_fused_vs_torch", 0.6),
+    ("NCHW f32 train <= PyTorch channels-last", "NCHW 64x64x32x32", "float32",
+     "train_fused_vs_torch_channels_last", 1.0),
+    ("NHWC f32 train <= 5 copy-times", "NHWC 64x32x32x64", "float32", "train/fused", 5.0),
+    ("NHWC f32 train <= 0.6 x PyTorch NCHW", "NHWC 64x32x32x64", "float32",
+     "train_fused_vs_torch", 0.6),
+    ("NHWC f32 train <= PyTorch channels-last", "NHWC 64x32x32x64", "float32",
+     "train_fused_vs_torch_channels_last", 1.0),
+    ("inference <= 1.3 copy-times, float32, 4-D", "4-D", "float32", "infer/fused", 1.3),
+    ("inference <= 1.3 copy-times, float64, 4-D", "4-D", "float64", "infer/fused", 1.3),
+    ("inference <= 1.3 copy-times, (256, 4096)", "NC 256x4096", None, "infer/fused", 1.3),
+    ("(256, 4096) f32 train <= PyTorch", "NC 256x4096", "float32", "train_fused_vs_torch", 1.0),
+]
+
+
+def values(runs, case, dtype, key):
+    """Every value of ``key`` over the runs' rows that match ``case`` and ``dtype``."""
+    out = []
+    for run in runs:
+        for row in run["rows"]:
+            if case == "4-D" and len(row["shape"]) != 4 or case != "4-D" and row["case"] != case:
+                continue
+            if dtype is not None and row["dtype"] != dtype:
+                continue
+            v = row["copy_times"].get(key) if "/" in key else row.get(key)
+            if v is not None:
+                out.append((v, run))
+    return out
+
+
+def table(runs) -> str:
+    lines = ["| target | measured range | met in |", "| --- | --- | --- |"]
+    for label, case, dtype, key, limit in TARGETS:
+        found = values(runs, case, dtype, key)
+        if not found:
+            lines.append(f"| {label} | not measured | - |")
+            continue
+        vs = [v for v, _ in found]
+        met = sum(all(v <= limit for v, r in found if r is run) for run in runs)
+        lines.append(f"| {label} | {min(vs):.2f} - {max(vs):.2f} | {met} of {len(runs)} runs |")
+    return "\n".join(lines)
+
+
+def main(paths) -> int:
+    if not paths:
+        print(__doc__, file=sys.stderr)
+        return 2
+    runs = [json.loads(open(p).read()) for p in paths]
+    print(f"{len(runs)} runs: {', '.join(paths)}")
+    print(table(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

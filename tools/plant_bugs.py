@@ -1,0 +1,78 @@
+"""Plant known bugs one at a time and check that the tests meant to guard against them fail.
+
+Each plant replaces one piece of the source by a wrong one (a bug an issue found, or one a
+weak test would miss), runs the tests that guard it, and restores the file. Every line of
+the report should say CAUGHT; the exit status is 1 otherwise. Usage, from the repository
+root (it takes a few minutes: one plant recompiles a numba kernel):
+
+    .venv/bin/python tools/plant_bugs.py
+"""
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+F, K = "src/bnlab/functional.py", "src/bnlab/kernels"
+
+PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
+    ("statistics accumulated in float32", F,
+     "    acc = _accumulator(x.dtype)\n    mean = x.mean",
+     "    acc = _compute_dtype(x.dtype)\n    mean = x.mean",
+     "tests/test_accuracy.py tests/test_differential.py tests/test_tensorflow_fixtures.py"),
+    ("backward: dbeta summed in float32", F,
+     "dbeta = _cast(dyc.sum(axis=reduce_axes, dtype=acc), cdt)",
+     "dbeta = _cast(dyc.sum(axis=reduce_axes), cdt)",
+     "tests/test_accuracy.py tests/test_differential.py"),
+    ("reference: unbiased variance to normalize", F,
+     "inv_std = 1.0 / np.sqrt(var + eps)  ",
+     "inv_std = 1.0 / np.sqrt(var * m / (m - 1) + eps)  ",
+     "tests/test_functional.py"),
+    ("reference: float16 computed in float16", F,
+     "return np.dtype(np.float32) if dtype == np.float16 else np.dtype(dtype)",
+     "return np.dtype(dtype)",
+     "tests/test_functional.py -k float16"),
+    ("NHWC kernel drops beta", f"{K}/numba_bn.py",
+     "yr[c] = (xr[c] - mu_[c]) * a_[c] + b_[c]", "yr[c] = (xr[c] - mu_[c]) * a_[c]",
+     "tests/test_properties.py"),
+    ("no fallback when numba fails to import", f"{K}/__init__.py",
+     "if isinstance(mod, ImportError) or (dtype", "if (dtype",
+     "tests/test_kernels.py -k without_numba"),
+    ("BNLAB_NUM_THREADS ignored", f"{K}/numba_bn.py",
+     "max_threads: int | None = _threads_from_env()", "max_threads: int | None = None",
+     "tests/test_kernels.py -k num_threads"),
+    ("bnlab steps: exit status 0 on a mismatch", "src/bnlab/cli.py",
+     'return 0 if result["ok"] else 1', "return 0", "tests/test_cli.py -k steps"),
+    ("fig1 percentiles of the wrong unit", "src/bnlab/experiments/reproduce.py",
+     "float(row[config.unit])", "float(row[0])", "tests/test_reproduce.py -k percentiles"),
+    ("bench: mean instead of median", "src/bnlab/bench.py",
+     "float(np.median(v))", "float(np.mean(v))", "tests/test_bench.py"),
+    ("bench: fused/torch ratio inverted", "src/bnlab/bench.py",
+     'med[f"{op}/fused"] / med[f"{op}/torch"]', 'med[f"{op}/torch"] / med[f"{op}/fused"]',
+     "tests/test_bench.py"),
+]
+
+
+def main() -> int:
+    missed = 0
+    for what, path, good, bad, tests in PLANTS:
+        file = ROOT / path
+        text = file.read_text()
+        if text.count(good) != 1:
+            print(f"{what:45s} -> cannot plant: the text is not in {path} exactly once")
+            missed += 1
+            continue
+        file.write_text(text.replace(good, bad))
+        try:
+            r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings",
+                                *tests.split()], cwd=ROOT, capture_output=True, text=True)
+        finally:
+            file.write_text(text)
+        summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]
+        print(f"{what:45s} -> {'CAUGHT' if r.returncode else 'NOT CAUGHT'}: {summary}")
+        missed += r.returncode == 0
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
