@@ -83,12 +83,6 @@ def _stats(x, axes):
     return xl, m, [v.reshape(kept) for v in out]
 
 
-def exact_moments(x, axes):
-    """Mean and biased variance over ``axes`` (kept) in longdouble."""
-    _, _, (mean, var, _, _) = _stats(x, axes)
-    return mean, var
-
-
 def exact_normalize(x, axes, eps, gamma=None, beta=None, dy=None):
     """``y = gamma * (x - mean) / sqrt(var + eps) + beta`` over ``axes``, in longdouble, and
     with ``dy`` the exact gradients (dx; dgamma and dbeta kept-shaped). gamma and beta

@@ -30,30 +30,29 @@ TARGETS = [
 ]
 
 
-def values(runs, case, dtype, key):
-    """Every value of ``key`` over the runs' rows that match ``case`` and ``dtype``."""
+def values(run, case, dtype, key):
+    """Every value of ``key`` in one run's rows that match ``case`` and ``dtype``."""
     out = []
-    for run in runs:
-        for row in run["rows"]:
-            if case == "4-D" and len(row["shape"]) != 4 or case != "4-D" and row["case"] != case:
-                continue
-            if dtype is not None and row["dtype"] != dtype:
-                continue
-            v = row["copy_times"].get(key) if "/" in key else row.get(key)
-            if v is not None:
-                out.append((v, run))
+    for row in run["rows"]:
+        if case == "4-D" and len(row["shape"]) != 4 or case != "4-D" and row["case"] != case:
+            continue
+        if dtype is not None and row["dtype"] != dtype:
+            continue
+        v = row["copy_times"].get(key) if "/" in key else row.get(key)
+        if v is not None:
+            out.append(v)
     return out
 
 
 def table(runs) -> str:
     lines = ["| target | measured range | met in |", "| --- | --- | --- |"]
     for label, case, dtype, key, limit in TARGETS:
-        found = values(runs, case, dtype, key)
-        if not found:
+        per_run = [values(run, case, dtype, key) for run in runs]
+        vs = [v for found in per_run for v in found]
+        if not vs:
             lines.append(f"| {label} | not measured | - |")
             continue
-        vs = [v for v, _ in found]
-        met = sum(all(v <= limit for v, r in found if r is run) for run in runs)
+        met = sum(bool(found) and max(found) <= limit for found in per_run)
         lines.append(f"| {label} | {min(vs):.2f} - {max(vs):.2f} | {met} of {len(runs)} runs |")
     return "\n".join(lines)
 
