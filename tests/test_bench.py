@@ -43,7 +43,9 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
     current = [None]
     medians = {"copy": 2.0, "train/reference": 40.0, "infer/reference": 10.0,
                "train/fused": 6.0, "infer/fused": 2.0, "train/torch": 12.0, "infer/torch": 1.0,
-               "train/torch_channels_last": 8.0, "infer/torch_channels_last": 4.0}
+               "train/torch_channels_last": 8.0, "infer/torch_channels_last": 4.0,
+               "train/bnlab_torch": 4.0, "infer/bnlab_torch": 1.0,
+               "train/bnlab_torch_channels_last": 6.0, "infer/bnlab_torch_channels_last": 2.0}
 
     def fake_medians(fns, repeats):
         for name, fn in fns.items():
@@ -59,10 +61,14 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
     assert row["copy_times"]["infer/torch"] == 0.5
     assert row["train_fused_vs_torch"] == 0.5 and row["train_fused_vs_torch_channels_last"] == 0.75
     assert row["infer_fused_vs_torch"] == 2.0 and row["infer_fused_vs_torch_channels_last"] == 0.5
+    assert row["train_bnlab_torch_vs_torch"] == 4 / 12
+    assert row["train_bnlab_torch_vs_torch_channels_last"] == 0.75
+    assert row["infer_bnlab_torch_vs_torch"] == 1.0
+    assert row["infer_bnlab_torch_vs_torch_channels_last"] == 0.5
     line = bench.format_table({"rows": [row], "repeats": 1, "environment": bench.environment()}
-                              ).splitlines()[3]
+                              ).splitlines()[4]
     assert line.split() == ["t", "float32", "train", "2000.00", "20.00", "3.00", "6.00", "4.00",
-                            "0.50", "0.75"]
+                            "2.00", "3.00", "0.50", "0.75", "0.33", "0.75"]
 
 
 def test_bench_run_and_table(tmp_path):
@@ -77,9 +83,14 @@ def test_bench_run_and_table(tmp_path):
     assert "train/torch_channels_last" in rows[0]["seconds"]  # 4-D rows time both layouts
     assert "train/torch_channels_last" in rows[1]["seconds"]
     assert "train/torch_channels_last" not in rows[2]["seconds"]
+    assert "train/bnlab_torch_channels_last" in rows[0]["seconds"]  # bnlab.torch, both layouts
+    assert "infer/bnlab_torch" in rows[2]["seconds"]
     assert result["seed_cnn_step"]["seconds"]["bnlab"] > 0
+    step = result["torch_seed_cnn_step"]
+    assert step["seconds"]["bnlab_convert"] > 0 and step["convert_vs_torch"] > 0
     table = bench.format_table(result)
     assert "NCHW tiny" in table and "seed CNN training step" in table
+    assert "bnlab.torch.convert" in table
     path = tmp_path / "b.json"
     bench.write_json(result, path)
     assert json.loads(path.read_text())["rows"][2]["case"] == "NC tiny"

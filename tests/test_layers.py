@@ -158,3 +158,30 @@ def test_layer_input_errors():
         loss(np.zeros((2, 3)), np.array([0, 3]))
     with pytest.raises(ValueError, match="expected integer labels"):
         loss(np.zeros((2, 3)), np.array([0.0, 1.0]))
+
+
+def test_modules_convert_dtype_like_torch():
+    """.double() / .float() / .to(dtype) cast parameters, grads and float buffers in place
+    (same Parameter objects, so an optimizer built before still works)."""
+    from bnlab import models
+
+    model = models.seed_cnn(bn=True, channels=(2, 3))
+    params = model.parameters()
+    opt = nn.SGD(model.parameters(), 0.1)
+    assert model.double() is model
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(p.data.dtype == np.float64 == p.grad.dtype for p in params)
+    bn = model[1]
+    assert bn.running_mean.dtype == bn.running_var.dtype == np.float64
+    assert isinstance(bn.num_batches_tracked, int)
+    x = np.random.default_rng(0).random((4, 1, 28, 28))
+    y = model(x)
+    assert y.dtype == np.float64
+    model.backward(np.ones_like(y))
+    opt.step()
+    assert model.float() is model and y.dtype == np.float64
+    assert all(p.data.dtype == np.float32 for p in params) and bn.running_var.dtype == np.float32
+    assert model(x.astype(np.float32)).dtype == np.float32
+    assert model.to(np.float64) is model and params[0].data.dtype == np.float64
+    with pytest.raises(TypeError, match="floating-point dtype"):
+        model.to(np.int32)

@@ -8,14 +8,19 @@ every candidate alike) and reported as medians:
   five tensor passes, 2.5 copy-times: that is the floor.
 * ``reference``: the NumPy reference (``backend="numpy"``).
 * ``fused``: bnlab's numba kernels (``backend="numba"``).
-* ``torch``: PyTorch's native CPU batch norm (autograd forward + backward) on NCHW memory,
-  and ``torch_channels_last`` on channels-last memory, for every 4-D case whatever bnlab's
+* ``torch``: ``torch.nn.BatchNorm1d/2d`` (PyTorch's native CPU batch norm; training:
+  autograd forward + backward and the running-statistics update) on NCHW memory, and
+  ``torch_channels_last`` on channels-last memory, for every 4-D case whatever bnlab's
   layout (so "NHWC vs PyTorch NCHW" is also measured in one interleaved run), when torch is
   installed.
+* ``bnlab_torch`` and ``bnlab_torch_channels_last``: ``bnlab.torch.BatchNorm1d/2d`` with
+  the same state on the same tensors (float32/float64; float16 is torch's own path there).
 
 "train" is forward with batch statistics + backward (dx, dgamma, dbeta); "infer" is the
-forward with running statistics. Every candidate allocates its outputs, as in real use. It also times one training step of the seed CNN (with
-BN) in bnlab and in PyTorch.
+forward with running statistics. Every candidate allocates its outputs, as in real use.
+It also times one training step of the seed CNN (with BN) in bnlab and in PyTorch, and one
+step of the torch seed CNN (channels 32/64, batch 64, SGD) with torch's BN and after
+``bnlab.torch.convert``.
 """
 
 from __future__ import annotations
@@ -64,11 +69,19 @@ def _median_times(fns: dict, repeats: int, warmup: int = 2, seed: int = 0) -> di
 
 
 def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
+    """torch.nn's BN module and bnlab.torch's (same state), on NCHW memory and, for 4-D
+    cases, on channels-last memory: {name: (train, infer)}; {} without torch."""
     try:
         import torch
     except ImportError:
         return {}
+    try:
+        import bnlab.torch as bt
+    except ImportError:  # pragma: no cover - bnlab.torch imports whenever torch does
+        bt = None
     tdt = getattr(torch, case.dtype)
+    rank = len(case.shape)
+    name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}[rank]
 
     def tensor(a, channels_last=False):
         """Logical NCHW (or (N, C)) tensor in the requested physical layout."""
@@ -80,27 +93,39 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
                              else torch.contiguous_format)
         return t.to(tdt)
 
-    w = torch.from_numpy(gamma).requires_grad_(True)
-    b = torch.from_numpy(beta).requires_grad_(True)
-    rm, rv = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
+    def module(cls):
+        bn = cls(len(gamma), dtype=torch.float32 if case.dtype == "float16" else tdt)
+        with torch.no_grad():
+            bn.weight.copy_(torch.from_numpy(gamma))
+            bn.bias.copy_(torch.from_numpy(beta))
+            bn.running_mean.copy_(torch.from_numpy(mean))
+            bn.running_var.copy_(torch.from_numpy(var))
+        return bn
+
     out = {}
-    variants = [("torch", False)]  # 4-D: NCHW memory; 4-D rows also time channels-last
-    if len(case.shape) == 4:
-        variants.append(("torch_channels_last", True))
-    for name, cl in variants:
+    variants = [("", False)]  # 4-D: NCHW memory; 4-D rows also time channels-last
+    if rank == 4:
+        variants.append(("_channels_last", True))
+    owners = [("torch", getattr(torch.nn, name))]
+    if bt is not None and case.dtype != "float16":  # float16 on CPU is torch's own path
+        owners.append(("bnlab_torch", getattr(bt, name)))
+    for suffix, cl in variants:
         xt = tensor(x, cl).requires_grad_(True)
         dyt = tensor(dy, cl)
+        for owner, cls in owners:
+            bn = module(cls)
 
-        def train(xt=xt, dyt=dyt):
-            xt.grad = w.grad = b.grad = None
-            y = torch.nn.functional.batch_norm(xt, None, None, w, b, training=True)
-            y.backward(dyt)
+            def train(xt=xt, dyt=dyt, bn=bn):
+                xt.grad = bn.weight.grad = bn.bias.grad = None
+                bn.train()
+                bn(xt).backward(dyt)
 
-        def infer(xt=xt):
-            with torch.no_grad():
-                torch.nn.functional.batch_norm(xt, rm, rv, w, b, training=False)
+            def infer(xt=xt, bn=bn):
+                bn.eval()
+                with torch.no_grad():
+                    bn(xt)
 
-        out[name] = (train, infer)
+            out[owner + suffix] = (train, infer)
     return out
 
 
@@ -138,11 +163,13 @@ def bench_case(case: Case, repeats: int) -> dict:
     copy = med["copy"]
     row["copy_times"] = {k: v / copy for k, v in med.items()}
     for op in ("train", "infer"):
-        if f"{op}/torch" in med:
-            row[f"{op}_fused_vs_torch"] = med[f"{op}/fused"] / med[f"{op}/torch"]
-        if f"{op}/torch_channels_last" in med:
-            row[f"{op}_fused_vs_torch_channels_last"] = (
-                med[f"{op}/fused"] / med[f"{op}/torch_channels_last"])
+        for ours, theirs, key in (("fused", "torch", "fused_vs_torch"),
+                                  ("fused", "torch_channels_last", "fused_vs_torch_channels_last"),
+                                  ("bnlab_torch", "torch", "bnlab_torch_vs_torch"),
+                                  ("bnlab_torch_channels_last", "torch_channels_last",
+                                   "bnlab_torch_vs_torch_channels_last")):
+            if f"{op}/{ours}" in med and f"{op}/{theirs}" in med:
+                row[f"{op}_{key}"] = med[f"{op}/{ours}"] / med[f"{op}/{theirs}"]
     return row
 
 
@@ -194,6 +221,36 @@ def bench_seed_cnn(repeats: int, batch_size: int = 64) -> dict:
     return out
 
 
+def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> dict | None:
+    """One training step (forward, loss, backward, SGD update) of the torch seed CNN with
+    torch's BN and after ``bnlab.torch.convert`` (same weights); None without torch."""
+    try:
+        import torch
+
+        import bnlab.torch as bt
+    except ImportError:
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (batch_size,), generator=g)
+    loss = torch.nn.CrossEntropyLoss()
+
+    def step_fn(net):
+        opt = torch.optim.SGD(net.parameters(), 0.01)
+
+        def step():
+            opt.zero_grad()
+            loss(net(x), y).backward()
+            opt.step()
+        return step
+
+    fns = {"torch": step_fn(bt.models.seed_cnn(channels=channels)),
+           "bnlab_convert": step_fn(bt.convert(bt.models.seed_cnn(channels=channels)))}
+    med = _median_times(fns, repeats)
+    return {"batch_size": batch_size, "channels": list(channels), "seconds": med,
+            "convert_vs_torch": med["bnlab_convert"] / med["torch"]}
+
+
 def environment() -> dict:
     import platform
 
@@ -224,30 +281,36 @@ def run(shapes=None, dtypes=("float32", "float64"), repeats: int = 21, cnn: bool
     result = {"environment": environment(), "repeats": repeats, "rows": rows}
     if cnn:
         result["seed_cnn_step"] = bench_seed_cnn(repeats)
+        torch_step = bench_torch_step(repeats)
+        if torch_step is not None:
+            result["torch_seed_cnn_step"] = torch_step
     return result
 
 
 def format_table(result: dict) -> str:
-    """Times in copy-times (median time / median copy time, same run) and fused vs torch."""
-    head = (f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}{'ref':>7s}{'fused':>7s}"
-            f"{'torch':>7s}{'torchCL':>8s}{'fused/torch':>12s}{'fused/CL':>9s}")
+    """Times in copy-times (median time / median copy time, same run) and ratios to torch."""
+    cols = [("ref", "reference", 6), ("fused", "fused", 7), ("torch", "torch", 7),
+            ("torchCL", "torch_channels_last", 8), ("bt", "bnlab_torch", 7),
+            ("btCL", "bnlab_torch_channels_last", 7)]
+    ratios = [("fused/torch", "fused_vs_torch", 12), ("fused/CL", "fused_vs_torch_channels_last", 9),
+              ("bt/torch", "bnlab_torch_vs_torch", 9),
+              ("btCL/CL", "bnlab_torch_vs_torch_channels_last", 8)]
+    head = (f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}"
+            + "".join(f"{label:>{w}s}" for label, _, w in cols + ratios))
     lines = ["times in copy-times (1.0 = np.copyto of the same tensor); ratios < 1: bnlab faster",
-             head, "-" * len(head)]
+             "fused: bnlab's kernels on NumPy arrays; torch/torchCL: torch.nn's module on NCHW /"
+             " channels-last memory; bt/btCL: bnlab.torch's module on the same", head,
+             "-" * len(head)]
     for r in result["rows"]:
         ct = r["copy_times"]
         for op in ("train", "infer"):
-            def cell(key, width):
-                v = ct.get(f"{op}/{key}")
+            def cell(v, width):
                 return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
 
-            vs_t = r.get(f"{op}_fused_vs_torch")
-            vs_cl = r.get(f"{op}_fused_vs_torch_channels_last")
             lines.append(
                 f"{r['case']:20s}{r['dtype']:>9s}{op:>7s}{r['seconds']['copy'] * 1e3:9.2f}"
-                f"{cell('reference', 7)}{cell('fused', 7)}{cell('torch', 7)}"
-                f"{cell('torch_channels_last', 8)}"
-                f"{(f'{vs_t:12.2f}' if vs_t is not None else f'{chr(45):>12s}')}"
-                f"{(f'{vs_cl:9.2f}' if vs_cl is not None else f'{chr(45):>9s}')}")
+                + "".join(cell(ct.get(f"{op}/{key}"), w) for _, key, w in cols)
+                + "".join(cell(r.get(f"{op}_{key}"), w) for _, key, w in ratios))
     cnn = result.get("seed_cnn_step")
     if cnn:
         s = cnn["seconds"]
@@ -255,6 +318,14 @@ def format_table(result: dict) -> str:
         if "torch" in s:
             line += f", PyTorch {s['torch'] * 1e3:.1f} ms, bnlab/PyTorch = {cnn['bnlab_vs_torch']:.2f}"
         lines.append(line)
+    step = result.get("torch_seed_cnn_step")
+    if step:
+        s = step["seconds"]
+        c1, c2 = step["channels"]
+        lines.append(f"torch seed CNN training step (channels {c1}/{c2}, batch "
+                     f"{step['batch_size']}, SGD): torch BN {s['torch'] * 1e3:.1f} ms, after "
+                     f"bnlab.torch.convert {s['bnlab_convert'] * 1e3:.1f} ms, "
+                     f"ratio {step['convert_vs_torch']:.2f}")
     env = result["environment"]
     lines.append(f"\n{env['cpus']} CPUs, numba threads {env['numba_threads']}, numpy {env['numpy']}, "
                  f"torch {env.get('torch')} (threads {env.get('torch_threads')}); "

@@ -472,7 +472,7 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int
     eps = _check_number(eps, "eps", 0.0)
     mean = _check_channel_vector(mean, "running_mean", C, cdt)
     var = _check_channel_vector(var, "running_var", C, cdt)
-    inv_std = _cast(1.0 / np.sqrt(var.astype(_accumulator(cdt)) + eps), cdt)   # (C,)
+    inv_std = inv_std_of(var, eps, cdt)                                         # (C,)
     xc = x.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
     if fast is not None:
@@ -482,6 +482,12 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int
     g = np.ones(C, cdt) if gamma is None else gamma
     cache = BNCache(xc, mean, inv_std, g, axis, False, x.dtype)
     return y.astype(x.dtype, copy=False), cache
+
+
+def inv_std_of(var, eps: float, dtype) -> np.ndarray:
+    """``1 / sqrt(var + eps)``, computed in float64 (or wider) and rounded once to ``dtype``."""
+    var = np.asarray(var)
+    return _cast(1.0 / np.sqrt(var.astype(_accumulator(var.dtype)) + eps), np.dtype(dtype))
 
 
 def update_running_stats(running_mean, running_var, mean, var, m: int, momentum: float) -> None:

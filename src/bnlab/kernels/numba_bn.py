@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
@@ -262,9 +263,20 @@ def _threads_from_env() -> int | None:
 max_threads: int | None = _threads_from_env()
 
 
-def _run(kernel, size: int, *args):
-    """Call ``kernel`` with up to ``max_threads`` threads for large inputs, one for small."""
-    threads = 1 if size < PARALLEL_MIN_SIZE else (max_threads or get_num_threads())
+class Threads(NamedTuple):
+    """A caller's thread policy: at most ``cap`` threads (None: no cap of its own) for
+    tensors of at least ``parallel_min_size`` elements (None: ``PARALLEL_MIN_SIZE``)."""
+
+    cap: int | None = None
+    parallel_min_size: int | None = None
+
+
+def _run(kernel, size: int, policy: Threads, *args):
+    """Call ``kernel`` on up to min(cap, ``max_threads``, numba's) threads for large inputs,
+    on the calling thread for small ones."""
+    least = PARALLEL_MIN_SIZE if policy.parallel_min_size is None else policy.parallel_min_size
+    caps = [n for n in (policy.cap, max_threads) if n is not None]
+    threads = 1 if size < least else min(caps + [get_num_threads()])
     previous = get_num_threads()
     if threads == previous:
         return kernel(*args)
@@ -296,11 +308,11 @@ def _tiles(M: int, C: int) -> tuple[int, int]:
     return rb, cb
 
 
-def _call(v, last: bool, cl_kernel, cf_kernel, *args):
+def _call(v, last: bool, policy: Threads, cl_kernel, cf_kernel, *args):
     """Run the channels-last or channels-first kernel on view ``v`` (tiles for the former)."""
     if last:
-        return _run(cl_kernel, v.size, v, *args, *_tiles(*v.shape))
-    return _run(cf_kernel, v.size, v, *args)
+        return _run(cl_kernel, v.size, policy, v, *args, *_tiles(*v.shape))
+    return _run(cf_kernel, v.size, policy, v, *args)
 
 
 def _params(gamma, beta, C):
@@ -309,32 +321,49 @@ def _params(gamma, beta, C):
     return g, b
 
 
-def train_forward(x, gamma, beta, eps: float, axis: int):
-    """y, mean, biased var, inv_std for x with channels on ``axis``; statistics float64 (C,)."""
+def _out(out, v):
+    """A fresh array like ``v``, or ``out`` (any C-contiguous array of x's shape and dtype,
+    e.g. a NumPy view of a torch tensor) reshaped like ``v``."""
+    if out is None:
+        return np.empty_like(v)
+    if out.dtype != v.dtype or out.size != v.size or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {v.dtype} array of {v.size} elements, "
+                         f"got {out.dtype} {out.shape}")
+    return out.reshape(v.shape)
+
+
+def train_forward(x, gamma, beta, eps: float, axis: int, out=None, threads=Threads()):
+    """y, mean, biased var, inv_std for x with channels on ``axis``; statistics float64 (C,).
+
+    ``out``: where to write y (see :func:`_out`); y is returned in x's shape either way.
+    ``threads``: the caller's :class:`Threads` policy (the same for every function here).
+    """
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
-    out = np.empty_like(v)
-    mean, var, inv_std = _call(v, last, _cl_forward, _cf_forward, g, b, float(eps), out)
+    out = _out(out, v)
+    mean, var, inv_std = _call(v, last, threads, _cl_forward, _cf_forward, g, b, float(eps),
+                               out)
     return out.reshape(x.shape), mean, var, inv_std
 
 
-def inference(x, mean, inv_std, gamma, beta, axis: int):
+def inference(x, mean, inv_std, gamma, beta, axis: int, out=None, threads=Threads()):
     """y = gamma * (x - mean) * inv_std + beta, one pass (inv_std = 1/sqrt(var + eps))."""
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
-    out = np.empty_like(v)
-    _call(v, last, _cl_normalize, _cf_normalize, mean, inv_std, g, b, out)
+    out = _out(out, v)
+    _call(v, last, threads, _cl_normalize, _cf_normalize, mean, inv_std, g, b, out)
     return out.reshape(x.shape)
 
 
-def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool):
+def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool, out=None,
+             threads=Threads()):
     """dx, dgamma, dbeta; the formula is :func:`bnlab.functional.batch_norm_backward`'s."""
     v, last = _view(x, axis)
     d, _ = _view(dy.astype(x.dtype, copy=False), axis)
     g, _ = _params(gamma, None, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
-    out = np.empty_like(v)
-    dgamma, dbeta = _call(v, last, _cl_backward, _cf_backward, d, mean, inv_std, g,
+    out = _out(out, v)
+    dgamma, dbeta = _call(v, last, threads, _cl_backward, _cf_backward, d, mean, inv_std, g,
                           batch_stats, out)
     return out.reshape(x.shape), dgamma, dbeta

@@ -96,6 +96,34 @@ class Module:
     def eval(self) -> "Module":
         return self.train(False)
 
+    # --- dtype conversion ---------------------------------------------------------------
+    def to(self, dtype) -> "Module":
+        """Cast every parameter (``data`` and ``grad``) and floating buffer to ``dtype``, in
+        place, and return the module (as ``torch.nn.Module.to(dtype)``). The Parameter
+        objects stay the same, so an optimizer built before still holds them; integer
+        buffers (``num_batches_tracked``) are left alone.
+        """
+        dt = np.dtype(dtype)
+        if not np.issubdtype(dt, np.floating):
+            raise TypeError(f"Module.to() takes a floating-point dtype, got {dt}")
+        for _, mod in self.named_modules():
+            for p in mod._parameters.values():
+                p.data = p.data.astype(dt)
+                p.grad = p.grad.astype(dt)
+            for name in mod._buffers:
+                value = getattr(mod, name)
+                if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+                    object.__setattr__(mod, name, value.astype(dt))
+        return self
+
+    def double(self) -> "Module":
+        """``self.to(np.float64)``."""
+        return self.to(np.float64)
+
+    def float(self) -> "Module":
+        """``self.to(np.float32)``."""
+        return self.to(np.float32)
+
     # --- state dicts --------------------------------------------------------------------
     def _state_items(self) -> Iterator[tuple[str, "Module", str, str]]:
         """(key, owning module, attribute, kind) for every saved entry, in PyTorch's order."""

@@ -1,0 +1,24 @@
+"""bnlab's batch norm inside PyTorch models (torch is optional: ``pip install bnlab[torch]``).
+
+    model = bnlab.torch.convert(model)      # torch's BN layers -> bnlab's, same tensors
+
+* :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of torch's.
+* :func:`batch_norm`: ``torch.nn.functional.batch_norm`` with ``backend=``.
+* :func:`convert` / :func:`revert`; :mod:`bnlab.torch.models`.
+
+What runs where, and the one deliberate difference from torch (a NaN/inf batch does not
+poison the running statistics): :mod:`bnlab.torch.functional`.
+"""
+
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("bnlab.torch needs PyTorch: pip install 'bnlab[torch]'") from e
+
+from . import models
+from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .convert import convert, revert
+from .functional import BACKENDS, batch_norm
+
+__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert",
+           "models", "revert"]

@@ -1,0 +1,294 @@
+"""bnlab's kernels as ``torch.library`` custom ops: the bridge between torch and NumPy.
+
+Each op hands the kernels zero-copy NumPy views of CPU tensors and writes into an output
+tensor allocated by torch, so nothing is copied on the way in or out:
+
+* contiguous memory (NCHW, (N, C), (N, C, L), NCDHW) is viewed with channels on axis 1;
+* channels_last / channels_last_3d memory is viewed as NHWC / NDHWC, which the kernels
+  treat as an (M, C) matrix; the output is allocated channels-last too, as torch's is;
+* anything else (a strided slice, a transposed tensor) is copied to contiguous memory first.
+
+The math (statistics, normalization, the closed-form backward, the running-statistics
+update) is :mod:`bnlab.functional`'s and :mod:`bnlab.kernels.numba_bn`'s; here are only
+layouts, dtypes and torch's registration: a fake (meta) implementation per op, so
+``torch.compile`` can trace through them, and autograd formulas.
+
+Ops (namespace ``bnlab``):
+
+* ``batch_norm_train(x, weight?, bias?, eps) -> (y, mean, var, inv_std)``: batch statistics
+  (float64, (C,); var biased); differentiable in x, weight, bias.
+* ``batch_norm_eval(x, mean, var, weight?, bias?, eps) -> (y, mean, inv_std)``: given
+  statistics; differentiable in x, weight, bias.
+* ``batch_norm_backward(dy, x, mean, inv_std, weight?, batch_stats) -> (dx, dweight, dbias)``.
+* ``update_running_stats(running_mean!, running_var!, num_batches_tracked!, mean, var, count,
+  momentum?)``: the in-place update, skipped when the batch statistics are not finite.
+
+Under ``torch.compile`` the modules call these ops; in eager mode they call the same
+implementations through ``TrainFunction``/``EvalFunction`` (the same autograd formulas),
+which saves the dispatcher's cost per call.
+
+This module has no ``from __future__ import annotations``: ``custom_op`` reads the schema
+from the annotations, and torch 2.4 needs them as real types.
+"""
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import functional as F
+from .. import kernels
+
+_F64 = torch.float64
+DTYPES = (torch.float32, torch.float64)  # what the numba kernels compute in
+
+
+# --- layouts -------------------------------------------------------------------------------
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format bnlab's output takes for input ``x`` (torch's rule on CPU):
+    channels-last when x is channels-last and not also plain contiguous, else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _as_numpy(t: Tensor, fmt: torch.memory_format) -> tuple[np.ndarray, int]:
+    """A C-contiguous NumPy view of ``t`` laid out as ``fmt`` and its channel axis.
+
+    Zero-copy when ``t`` is already in that format, else one copy into it.
+    """
+    t = t.detach().contiguous(memory_format=fmt)
+    if fmt == torch.contiguous_format:
+        return t.numpy(), 1
+    # (N, C, *spatial) in channels-last memory is (N, *spatial, C) in C order
+    return t.permute(0, *range(2, t.dim()), 1).numpy(), -1
+
+
+def _empty_like(x: Tensor) -> Tensor:
+    """What the fake implementations return: an uninitialized tensor like ``x``, in the
+    memory format the real ones produce."""
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _empty(x: Tensor) -> Tensor:
+    """Like :func:`_empty_like`, allocated by NumPy: NumPy asks the kernel for transparent
+    huge pages on large arrays, so a fresh 16 MiB output takes a handful of page faults
+    instead of 4096 (measured: allocate + fill of 64x64x32x32 float32 took 0.4 ms against
+    4.2 ms through torch's allocator, which does this only with THP_MEM_ALLOC_ENABLE=1)."""
+    fmt = memory_format(x)
+    if fmt == torch.contiguous_format:
+        return torch.from_numpy(np.empty(x.shape, _NUMPY_DTYPES[x.dtype]))
+    N, C, *spatial = x.shape  # channels-last memory: (N, *spatial, C) in C order
+    a = torch.from_numpy(np.empty((N, *spatial, C), _NUMPY_DTYPES[x.dtype]))
+    return a.permute(0, a.dim() - 1, *range(1, a.dim() - 1))
+
+
+def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
+    return None if t is None else t.detach().contiguous().numpy()
+
+
+def _stat(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=_F64)
+
+
+def _numba():
+    return kernels.resolve("numba")
+
+
+# Threads inside torch models. Between torch's own multi-threaded ops the kernels run
+# parallel from torch's grain size (2**15 elements; bnlab's own stack waits until 2**20,
+# see bnlab.kernels.numba_bn), on at most torch.get_num_threads() threads, so
+# torch.set_num_threads(1) holds for bnlab's kernels too. Measured by
+# tools/torch_threads.py into docs/torch_threads.json (numbers in docs/performance.md).
+PARALLEL_MIN_SIZE = 1 << 15
+
+
+def _threads():
+    return _numba().Threads(cap=torch.get_num_threads(), parallel_min_size=PARALLEL_MIN_SIZE)
+
+
+# --- implementations (plain functions on real CPU tensors) ---------------------------------
+
+
+def train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, and the batch's mean, biased var and inv_std (float64, (C,))."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    y = _empty(x)
+    yv, _ = _as_numpy(y, fmt)  # a view: the kernel writes into y
+    _, mean, var, inv_std = _numba().train_forward(xv, _vec(weight), _vec(bias), eps, axis,
+                                                   out=yv, threads=_threads())
+    return y, torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(inv_std)
+
+
+def eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+              bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """y with the given statistics, and mean and inv_std (float64 copies, (C,)) for the
+    backward: the running buffers may change before it runs."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    y = _empty(x)
+    yv, _ = _as_numpy(y, fmt)
+    inv_std = F.inv_std_of(_vec(var), eps, np.float64)
+    mean = mean.detach().to(_F64, copy=True)
+    _numba().inference(xv, mean.numpy(), inv_std, _vec(weight), _vec(bias), axis, out=yv,
+                       threads=_threads())
+    return y, mean, torch.from_numpy(inv_std)
+
+
+def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
+                  weight: Optional[Tensor], batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, dgamma, dbeta (the last two float64, (C,))."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    dyv, _ = _as_numpy(dy.to(x.dtype), fmt)  # dy may come in another layout than x
+    dx = _empty(x)
+    dxv, _ = _as_numpy(dx, fmt)
+    _, dgamma, dbeta = _numba().backward(dyv, xv, _vec(mean), _vec(inv_std), _vec(weight),
+                                         axis, batch_stats, out=dxv, threads=_threads())
+    return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
+
+
+def update_impl(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> None:
+    """:func:`bnlab.functional.update_running_stats` on the buffers, in place, and
+    ``num_batches_tracked += 1``; ``momentum=None`` is the cumulative average
+    ``1 / num_batches_tracked``. A batch whose statistics are not finite changes nothing."""
+    mean, var = mean.numpy(), var.numpy()
+    if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+        return
+    num_batches_tracked += 1
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked)
+    F.update_running_stats(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
+
+
+# --- autograd formulas (shared by the custom ops and the eager Functions below) -----------
+
+
+def _setup(ctx, x, weight, bias, mean, inv_std):
+    ctx.save_for_backward(x, weight, mean, inv_std)
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _grads(ctx, dy, batch_stats: bool, backward):
+    """(dx, dweight, dbias) through ``backward`` (the op when traced, the impl in eager)."""
+    x, weight, mean, inv_std = ctx.saved_tensors
+    dx, dgamma, dbeta = backward(dy, x, mean, inv_std, weight, batch_stats)
+    dweight = None if ctx.weight_dtype is None else dgamma.to(ctx.weight_dtype)
+    dbias = None if ctx.bias_dtype is None else dbeta.to(ctx.bias_dtype)
+    return dx, dweight, dbias
+
+
+def _train_grads(ctx, dy, backward):
+    return (*_grads(ctx, dy, True, backward), None)  # None: eps
+
+
+def _eval_grads(ctx, dy, backward):
+    dx, dweight, dbias = _grads(ctx, dy, False, backward)
+    return dx, None, None, dweight, dbias, None  # no gradient for the statistics or eps
+
+
+def _setup_train(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _setup(ctx, x, weight, bias, output[1], output[3])
+    ctx.mark_non_differentiable(*output[1:])  # the statistics: bookkeeping, not outputs
+
+
+def _setup_eval(ctx, inputs, output):
+    x, _, _, weight, bias, _ = inputs
+    _setup(ctx, x, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+# --- custom ops: what torch.compile traces ------------------------------------------------
+
+_op = torch.library.custom_op
+batch_norm_train = _op("bnlab::batch_norm_train", train_impl, mutates_args=(),
+                       device_types="cpu")
+batch_norm_eval = _op("bnlab::batch_norm_eval", eval_impl, mutates_args=(), device_types="cpu")
+batch_norm_backward = _op("bnlab::batch_norm_backward", backward_impl, mutates_args=(),
+                          device_types="cpu")
+update_running_stats = _op("bnlab::update_running_stats", update_impl, device_types="cpu",
+                           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+
+@batch_norm_train.register_fake
+def _(x, weight, bias, eps):
+    return _empty_like(x), _stat(x), _stat(x), _stat(x)
+
+
+@batch_norm_eval.register_fake
+def _(x, mean, var, weight, bias, eps):
+    return _empty_like(x), _stat(x), _stat(x)
+
+
+@batch_norm_backward.register_fake
+def _(dy, x, mean, inv_std, weight, batch_stats):
+    return _empty_like(x), _stat(x), _stat(x)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None
+
+
+batch_norm_train.register_autograd(lambda ctx, dy, *_: _train_grads(ctx, dy, batch_norm_backward),
+                                   setup_context=_setup_train)
+batch_norm_eval.register_autograd(lambda ctx, dy, *_: _eval_grads(ctx, dy, batch_norm_backward),
+                                  setup_context=_setup_eval)
+
+
+# --- eager: the same implementations and formulas without the dispatcher -------------------
+# A custom op call costs some 25-45 us of dispatch on this machine; per BN layer and
+# training step that is four calls. Outside torch.compile the modules call the
+# implementations through these Functions (or directly, when no gradient is needed).
+
+
+class TrainFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return train_impl(x, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_train(ctx, inputs, output)
+
+    @staticmethod
+    @once_differentiable  # no double backward (nor through the op): a clear error
+    def backward(ctx, dy, *_):
+        return _train_grads(ctx, dy, backward_impl)
+
+
+class EvalFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(x, mean, var, weight, bias, eps):
+        return eval_impl(x, mean, var, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_eval(ctx, inputs, output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, *_):
+        return _eval_grads(ctx, dy, backward_impl)
+
+
+def count_per_channel(x: Tensor) -> int:
+    """m, the number of values per channel."""
+    return math.prod(x.shape) // x.shape[1]
