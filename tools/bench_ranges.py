@@ -27,11 +27,25 @@ TARGETS = [
     ("inference <= 1.3 copy-times, float64, 4-D", "4-D", "float64", "infer/fused", 1.3),
     ("inference <= 1.3 copy-times, (256, 4096)", "NC 256x4096", None, "infer/fused", 1.3),
     ("(256, 4096) f32 train <= PyTorch", "NC 256x4096", "float32", "train_fused_vs_torch", 1.0),
+    # bnlab.torch modules against torch.nn's, same tensors (issue 9; runs 6 and later)
+    ("bnlab.torch f32 train <= 0.7 x torch.nn, NCHW", "NCHW 64x64x32x32", "float32",
+     "train_bnlab_torch_vs_torch", 0.7),
+    ("bnlab.torch f32 train <= 0.9 x torch.nn, channels_last", "NCHW 64x64x32x32", "float32",
+     "train_bnlab_torch_vs_torch_channels_last", 0.9),
+    ("bnlab.torch f32 eval <= 1.0 x torch.nn, NCHW", "NCHW 64x64x32x32", "float32",
+     "infer_bnlab_torch_vs_torch", 1.0),
+    ("bnlab.torch f32 eval <= 1.0 x torch.nn, channels_last", "NCHW 64x64x32x32", "float32",
+     "infer_bnlab_torch_vs_torch_channels_last", 1.0),
+    ("torch seed CNN step with convert() <= 0.9 x without", "torch step", None,
+     "convert_vs_torch", 0.9),
 ]
 
 
 def values(run, case, dtype, key):
     """Every value of ``key`` in one run's rows that match ``case`` and ``dtype``."""
+    if case == "torch step":  # not a row: the torch seed CNN training step
+        step = run.get("torch_seed_cnn_step")
+        return [step[key]] if step else []
     out = []
     for row in run["rows"]:
         if case == "4-D" and len(row["shape"]) != 4 or case != "4-D" and row["case"] != case:
@@ -52,8 +66,9 @@ def table(runs) -> str:
         if not vs:
             lines.append(f"| {label} | not measured | - |")
             continue
-        met = sum(bool(found) and max(found) <= limit for found in per_run)
-        lines.append(f"| {label} | {min(vs):.2f} - {max(vs):.2f} | {met} of {len(runs)} runs |")
+        measured = [found for found in per_run if found]  # runs that have this ratio
+        met = sum(max(found) <= limit for found in measured)
+        lines.append(f"| {label} | {min(vs):.2f} - {max(vs):.2f} | {met} of {len(measured)} runs |")
     return "\n".join(lines)
 
 

@@ -28,7 +28,9 @@ OpenBLAS threads keep spinning after each matrix product and fight numba's threa
 the cores. Measured on 2 cores: the paper's MLP step took 44 ms with two kernel threads
 against 0.7 ms with one; a CNN with 64x64x32x32 BN tensors 353 ms against 238 ms. So
 ``bnlab.train`` runs the kernels on one thread; a pure-BN workload (``bnlab bench``) uses
-all of them.
+all of them. A caller with its own threads passes a :class:`Threads` policy instead:
+``bnlab.torch`` goes parallel from torch's grain size, capped at torch's thread count
+(measured in docs/performance.md).
 
 Compiled functions are cached on disk (``cache=True``): the first use in a fresh
 environment compiles them (tools/compile_times.py measures it); later processes load
