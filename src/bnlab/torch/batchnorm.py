@@ -23,7 +23,8 @@ class _BatchNorm:
         y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias
 
     ``backend`` (class attribute, may be set per instance): "auto" (default), "numba" or
-    "native", as in :func:`bnlab.torch.functional.batch_norm`.
+    "native", as in :func:`bnlab.torch.functional.batch_norm`, except that a module's
+    "native" keeps the NaN guard (torch's computation, bnlab's bookkeeping).
     """
 
     backend = "auto"

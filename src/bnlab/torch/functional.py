@@ -12,7 +12,10 @@ Which path runs (``backend="auto"``):
   dtypes, and any input torch would reject, so the error is torch's own.
 
 ``backend="numba"`` insists on the kernels (a TypeError/ValueError for an input they do not
-take); ``backend="native"`` is torch's path exactly, for comparison.
+take); ``backend="native"`` is torch's function exactly, for comparison.
+
+Gradients: first order (autograd, gradcheck). Second derivatives are not implemented and
+say so (a RuntimeError), rather than coming out silently wrong.
 
 One deliberate difference from torch, on both paths of ``"auto"``/``"numba"``: a training
 batch whose statistics are not finite (NaN/inf in the input: a mixed-precision overflow
