@@ -47,9 +47,19 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "float(row[config.unit])", "float(row[0])", "tests/test_reproduce.py -k percentiles"),
     ("bench: mean instead of median", "src/bnlab/bench.py",
      "float(np.median(v))", "float(np.mean(v))", "tests/test_bench.py"),
-    ("bench: fused/torch ratio inverted", "src/bnlab/bench.py",
-     'med[f"{op}/fused"] / med[f"{op}/torch"]', 'med[f"{op}/torch"] / med[f"{op}/fused"]',
+    ("bench: ratios to torch inverted", "src/bnlab/bench.py",
+     'med[f"{op}/{ours}"] / med[f"{op}/{theirs}"]', 'med[f"{op}/{theirs}"] / med[f"{op}/{ours}"]',
      "tests/test_bench.py"),
+    ("bnlab.torch: NaN batch updates the running statistics", "src/bnlab/torch/_ops.py",
+     "    if not (np.isfinite(mean).all() and np.isfinite(var).all()):\n        return\n", "",
+     "tests/test_torch.py -k nonfinite"),
+    ("bnlab.torch: torch's thread count ignored", "src/bnlab/torch/_ops.py",
+     "Threads(cap=torch.get_num_threads(),", "Threads(cap=None,",
+     "tests/test_torch.py -k threads"),
+    ("bnlab.torch: eval backward as if batch statistics", "src/bnlab/torch/_ops.py",
+     "dx, dweight, dbias = _grads(ctx, dy, False, backward)",
+     "dx, dweight, dbias = _grads(ctx, dy, True, backward)",
+     "tests/test_torch.py -k gradcheck"),
 ]
 
 
