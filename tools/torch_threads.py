@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
 import bnlab.torch as bt
 from bnlab import kernels
-from bnlab.bench import _median_times, environment
+from bnlab.bench import _median_times, environment, torch_seed_cnn_step
 from bnlab.torch import _ops
 
 POLICIES = {"torch grain": (1 << 15, None), "bnlab grain": (1 << 20, None),
@@ -49,25 +48,10 @@ def _under(policy, fn):
     return run
 
 
-def step_fns(batch: int = 64, channels=(32, 64)) -> dict:
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (batch,), generator=g)
-    loss = torch.nn.CrossEntropyLoss()
-
-    def make(policy):
-        net = bt.models.seed_cnn(channels=channels)
-        if policy is not None:
-            net = bt.convert(net)
-        opt = torch.optim.SGD(net.parameters(), 0.01)
-
-        def step():
-            opt.zero_grad()
-            loss(net(x), y).backward()
-            opt.step()
-        return _under(policy, step)
-
-    return {"torch BN": make(None), **{f"bnlab, {p}": make(p) for p in POLICIES}}
+def step_fns() -> dict:
+    """The torch seed CNN step (bnlab bench's) with torch's BN and under each policy."""
+    return {"torch BN": torch_seed_cnn_step(False),
+            **{f"bnlab, {p}": _under(p, torch_seed_cnn_step(True)) for p in POLICIES}}
 
 
 def layer_fns(batch: int = 64, channels=(32, 64)) -> dict:

@@ -73,12 +73,10 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
     cases, on channels-last memory: {name: (train, infer)}; {} without torch."""
     try:
         import torch
+
+        import bnlab.torch as bt
     except ImportError:
         return {}
-    try:
-        import bnlab.torch as bt
-    except ImportError:  # pragma: no cover - bnlab.torch imports whenever torch does
-        bt = None
     tdt = getattr(torch, case.dtype)
     rank = len(case.shape)
     name = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d"}[rank]
@@ -107,7 +105,7 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
     if rank == 4:
         variants.append(("_channels_last", True))
     owners = [("torch", getattr(torch.nn, name))]
-    if bt is not None and case.dtype != "float16":  # float16 on CPU is torch's own path
+    if case.dtype != "float16":  # float16 on CPU is torch's own path in bnlab.torch
         owners.append(("bnlab_torch", getattr(bt, name)))
     for suffix, cl in variants:
         xt = tensor(x, cl).requires_grad_(True)
@@ -221,31 +219,38 @@ def bench_seed_cnn(repeats: int, batch_size: int = 64) -> dict:
     return out
 
 
-def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> dict | None:
-    """One training step (forward, loss, backward, SGD update) of the torch seed CNN with
-    torch's BN and after ``bnlab.torch.convert`` (same weights); None without torch."""
-    try:
-        import torch
+def torch_seed_cnn_step(convert: bool, batch_size: int = 64, channels=(32, 64)):
+    """A function running one training step (forward, loss, backward, SGD update) of the
+    torch seed CNN on a fixed random batch, with torch's BN or after
+    ``bnlab.torch.convert`` (the same weights either way). Needs torch."""
+    import torch
 
-        import bnlab.torch as bt
-    except ImportError:
-        return None
+    import bnlab.torch as bt
+
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
     loss = torch.nn.CrossEntropyLoss()
+    net = bt.models.seed_cnn(channels=channels)
+    if convert:
+        net = bt.convert(net)
+    opt = torch.optim.SGD(net.parameters(), 0.01)
 
-    def step_fn(net):
-        opt = torch.optim.SGD(net.parameters(), 0.01)
+    def step():
+        opt.zero_grad()
+        loss(net(x), y).backward()
+        opt.step()
+    return step
 
-        def step():
-            opt.zero_grad()
-            loss(net(x), y).backward()
-            opt.step()
-        return step
 
-    fns = {"torch": step_fn(bt.models.seed_cnn(channels=channels)),
-           "bnlab_convert": step_fn(bt.convert(bt.models.seed_cnn(channels=channels)))}
+def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> dict | None:
+    """:func:`torch_seed_cnn_step` with torch's BN and after ``bnlab.torch.convert``;
+    None without torch."""
+    try:
+        fns = {"torch": torch_seed_cnn_step(False, batch_size, channels),
+               "bnlab_convert": torch_seed_cnn_step(True, batch_size, channels)}
+    except ImportError:
+        return None
     med = _median_times(fns, repeats)
     return {"batch_size": batch_size, "channels": list(channels), "seconds": med,
             "convert_vs_torch": med["bnlab_convert"] / med["torch"]}

@@ -399,7 +399,7 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
             fast = None  # the kernels' float64 sums overflowed; the reference rescales
     if fast is None:
         mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
-        inv_std = 1.0 / np.sqrt(var + eps)                                       # (C,)
+        inv_std = inv_std_of(var, eps, var.dtype)                                # (C,)
     mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))  # compute dtype
     _check_finite_stats(x, mean, var)
     if fast is None:

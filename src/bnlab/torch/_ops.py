@@ -31,7 +31,6 @@ This module has no ``from __future__ import annotations``: ``custom_op`` reads t
 from the annotations, and torch 2.4 needs them as real types.
 """
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -75,24 +74,28 @@ def _as_numpy(t: Tensor, fmt: torch.memory_format) -> tuple[np.ndarray, int]:
 
 def _empty_like(x: Tensor) -> Tensor:
     """What the fake implementations return: an uninitialized tensor like ``x``, in the
-    memory format the real ones produce."""
+    memory format the real ones produce (:func:`_output`)."""
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _empty(x: Tensor) -> Tensor:
-    """Like :func:`_empty_like`, allocated by NumPy: NumPy asks the kernel for transparent
-    huge pages on large arrays, so a fresh 16 MiB output takes a handful of page faults
-    instead of 4096 (measured: allocate + fill of 64x64x32x32 float32 took 0.4 ms against
-    4.2 ms through torch's allocator, which does this only with THP_MEM_ALLOC_ENABLE=1)."""
-    fmt = memory_format(x)
+def _output(x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, np.ndarray]:
+    """An output like ``x`` in memory format ``fmt``, and the NumPy array holding it (laid
+    out as :func:`_as_numpy` lays out ``x``), for the kernel to write into.
+
+    NumPy allocates it: NumPy asks the kernel for transparent huge pages on large arrays,
+    so a fresh 16 MiB output takes a handful of page faults instead of 4096 (measured:
+    allocate + fill of 64x64x32x32 float32 took 0.4 ms against 4.2 ms through torch's
+    allocator, which does this only with THP_MEM_ALLOC_ENABLE=1)."""
+    dtype = _NUMPY_DTYPES[x.dtype]
     if fmt == torch.contiguous_format:
-        return torch.from_numpy(np.empty(x.shape, _NUMPY_DTYPES[x.dtype]))
+        a = np.empty(x.shape, dtype)
+        return torch.from_numpy(a), a
     N, C, *spatial = x.shape  # channels-last memory: (N, *spatial, C) in C order
-    a = torch.from_numpy(np.empty((N, *spatial, C), _NUMPY_DTYPES[x.dtype]))
-    return a.permute(0, a.dim() - 1, *range(1, a.dim() - 1))
+    a = np.empty((N, *spatial, C), dtype)
+    return torch.from_numpy(a).permute(0, a.ndim - 1, *range(1, a.ndim - 1)), a
 
 
 def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
@@ -127,8 +130,7 @@ def train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     """y, and the batch's mean, biased var and inv_std (float64, (C,))."""
     fmt = memory_format(x)
     xv, axis = _as_numpy(x, fmt)
-    y = _empty(x)
-    yv, _ = _as_numpy(y, fmt)  # a view: the kernel writes into y
+    y, yv = _output(x, fmt)  # the kernel writes into y through yv
     _, mean, var, inv_std = _numba().train_forward(xv, _vec(weight), _vec(bias), eps, axis,
                                                    out=yv, threads=_threads())
     return y, torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(inv_std)
@@ -140,8 +142,7 @@ def eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     backward: the running buffers may change before it runs."""
     fmt = memory_format(x)
     xv, axis = _as_numpy(x, fmt)
-    y = _empty(x)
-    yv, _ = _as_numpy(y, fmt)
+    y, yv = _output(x, fmt)
     inv_std = F.inv_std_of(_vec(var), eps, np.float64)
     mean = mean.detach().to(_F64, copy=True)
     _numba().inference(xv, mean.numpy(), inv_std, _vec(weight), _vec(bias), axis, out=yv,
@@ -155,8 +156,7 @@ def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
     fmt = memory_format(x)
     xv, axis = _as_numpy(x, fmt)
     dyv, _ = _as_numpy(dy.to(x.dtype), fmt)  # dy may come in another layout than x
-    dx = _empty(x)
-    dxv, _ = _as_numpy(dx, fmt)
+    dx, dxv = _output(x, fmt)
     _, dgamma, dbeta = _numba().backward(dyv, xv, _vec(mean), _vec(inv_std), _vec(weight),
                                          axis, batch_stats, out=dxv, threads=_threads())
     return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
@@ -291,4 +291,4 @@ class EvalFunction(torch.autograd.Function):
 
 def count_per_channel(x: Tensor) -> int:
     """m, the number of values per channel."""
-    return math.prod(x.shape) // x.shape[1]
+    return x.numel() // x.shape[1]

@@ -88,7 +88,8 @@ def kernel_batch_norm(x, running_mean, running_var, weight, bias, training: bool
     """The kernels' path (``use_kernels`` said yes); semantics of :func:`batch_norm`.
 
     ``num_batches_tracked`` (a module's buffer) is incremented with each update; with it,
-    ``momentum=None`` means the cumulative average ``1 / num_batches_tracked``.
+    ``momentum=None`` means the cumulative average ``1 / num_batches_tracked`` (without it,
+    momentum is a number: :func:`batch_norm` and the modules see to that).
     """
     traced = torch.compiler.is_compiling()  # custom ops for the tracer, else no dispatcher
     if not training:
@@ -103,10 +104,7 @@ def kernel_batch_norm(x, running_mean, running_var, weight, bias, training: bool
     train = _ops.batch_norm_train if traced else _ops.TrainFunction.apply
     y, mean, var, _ = train(x, weight, bias, eps)
     if running_mean is not None:
-        if num_batches_tracked is None:
-            if momentum is None:
-                raise TypeError("momentum=None (a cumulative average) needs a module's "
-                                "num_batches_tracked; pass a number to the functional form")
+        if num_batches_tracked is None:  # the functional form: momentum is a number
             num_batches_tracked = torch.zeros((), dtype=torch.long)  # counted, then dropped
         update = _ops.update_running_stats if traced else _ops.update_impl
         update(running_mean, running_var, num_batches_tracked, mean, var,
@@ -119,13 +117,13 @@ def guarded_native(x, running_mean, running_var, weight, bias, training: bool,
     """torch's own ``batch_norm`` with bnlab's guard: in training, torch updates copies of
     the running statistics, which replace the buffers (and count in ``num_batches_tracked``)
     only if they are finite. (Restoring the buffers afterwards instead would change tensors
-    that torch's backward saved.) ``momentum=None``: the cumulative average, as torch's
-    modules compute it."""
+    that torch's backward saved.) ``momentum=None`` (only with ``num_batches_tracked``):
+    the cumulative average, as torch's modules compute it."""
     if not training or (running_mean is None and running_var is None):
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
                                               training, momentum or 0.0, eps)
     if momentum is None:
-        momentum = 0.0 if num_batches_tracked is None else 1.0 / float(num_batches_tracked + 1)
+        momentum = 1.0 / float(num_batches_tracked + 1)
     buffers = [b for b in (running_mean, running_var) if b is not None]
     new = [b.clone() for b in buffers]
     new_mean = new[0] if running_mean is not None else None
@@ -172,11 +170,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if backend == "native":
         return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
                                               training, momentum, eps)
-    if not use_kernels(backend, input, running_mean, running_var, weight, bias, training):
-        if training and momentum is None and running_mean is not None:
-            raise TypeError("momentum=None (a cumulative average) needs a module's "
-                            "num_batches_tracked; pass a number to the functional form")
-        return guarded_native(input, running_mean, running_var, weight, bias, training,
-                              momentum, eps)
-    return kernel_batch_norm(input, running_mean, running_var, weight, bias, training,
-                             momentum, eps)
+    fast = use_kernels(backend, input, running_mean, running_var, weight, bias, training)
+    if training and momentum is None and running_mean is not None:
+        raise TypeError("momentum=None (a cumulative average) needs a module's "
+                        "num_batches_tracked; pass a number to the functional form")
+    path = kernel_batch_norm if fast else guarded_native
+    return path(input, running_mean, running_var, weight, bias, training, momentum, eps)
