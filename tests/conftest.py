@@ -1,7 +1,13 @@
 """Shared test helpers: the PyTorch reference and tensors in both layouts."""
 
-import numpy as np
-import pytest
+import os
+
+# The Triton kernels run in Triton's interpreter on CPU tensors (decided when bnlab first
+# imports Triton, so before any test does).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 import torch  # noqa: E402  (a test dependency: the reference)
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ weak test would miss), runs the tests that guard it, and restores the file. Ever
 the report should say CAUGHT; the exit status is 1 otherwise. Usage, from the repository
 root (it takes a few minutes: one plant recompiles a numba kernel):
 
-    .venv/bin/python tools/plant_bugs.py
+    .venv/bin/python tools/plant_bugs.py [WORD ...]   # only the plants whose description has WORD
 """
 
 import pathlib
@@ -60,12 +60,23 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "dx, dweight, dbias = _grads(ctx, dy, False, backward)",
      "dx, dweight, dbias = _grads(ctx, dy, True, backward)",
      "tests/test_torch.py -k gradcheck"),
+    ("triton: the mean rounded to float32 before subtracting", "src/bnlab/kernels/triton_bn.py",
+     "y = ((x - hi3) - lo3) * scale3 + beta3", "y = (x - (hi3 + lo3)) * scale3 + beta3",
+     "tests/test_triton.py -k reference"),
+    ("triton: only the first chunk of parts added", "src/bnlab/kernels/triton_bn.py",
+     "for p0 in range(0, P, PB):", "for p0 in range(0, PB, PB):",
+     "tests/test_triton.py -k split"),
+    ("triton: NaN batch updates the running statistics", "src/bnlab/kernels/triton_bn.py",
+     "other=0)) == 0\n", "other=0)) >= 0\n", "tests/test_triton.py -k nonfinite"),
 ]
 
 
-def main() -> int:
+def main(only=()) -> int:
+    """Plant every bug (or those whose description contains one of ``only``)."""
     missed = 0
     for what, path, good, bad, tests in PLANTS:
+        if only and not any(word in what for word in only):
+            continue
         file = ROOT / path
         text = file.read_text()
         if text.count(good) != 1:
@@ -85,4 +96,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

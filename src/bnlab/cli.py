@@ -120,7 +120,27 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_bench_gpu(args) -> int:
+    from . import bench_gpu
+
+    cases = bench_gpu.CASES
+    if args.shapes:
+        names = {c.name: c for c in cases}
+        unknown = sorted(set(args.shapes) - set(names))
+        if unknown:
+            raise ValueError(f"unknown GPU case(s) {unknown}; choose from {list(names)}")
+        cases = [names[n] for n in args.shapes]
+    result = bench_gpu.run("cuda", cases, progress=not args.no_progress)
+    print(bench_gpu.format_table(result))
+    if args.json:
+        bench_gpu.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
+    if args.device == "cuda":
+        return _cmd_bench_gpu(args)
     from . import bench
 
     shapes = None
@@ -229,8 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "a same-size np.copyto as the bandwidth yardstick; candidates "
                                    "interleaved in random order per round; medians. Also one "
                                    "training step of the seed CNN in bnlab and PyTorch.")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu (default): NumPy, numba and torch on this machine; cuda: bnlab's "
+                        "Triton kernels against torch's own on a GPU, with a device copy as "
+                        "the yardstick (see bnlab.bench_gpu)")
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
-                   help='which cases, e.g. "NC 256x4096" (default: all four)')
+                   help='which cases, e.g. "NC 256x4096" (default: all four; with --device '
+                        'cuda e.g. "256x64x56x56 float32 NCHW", default all seven)')
     p.add_argument("--dtypes", nargs="+", choices=["float16", "float32", "float64"],
                    default=["float32", "float64"], help="default float32 float64")
     p.add_argument("--repeats", type=_positive_int, default=21,

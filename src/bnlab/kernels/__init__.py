@@ -34,6 +34,35 @@ def _numba_module():
     return _loaded["numba"]
 
 
+def _triton_module():
+    if "triton" not in _loaded:
+        try:
+            from . import triton_bn
+        except ImportError as e:  # triton (or torch) missing: bnlab.torch uses torch's path
+            _loaded["triton"] = e
+        else:
+            _loaded["triton"] = triton_bn
+    return _loaded["triton"]
+
+
+def triton_interpreted() -> bool:
+    """True when Triton runs kernels in its interpreter, on CPU tensors (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_triton():
+    """:mod:`bnlab.kernels.triton_bn`, or the ImportError that says why Triton is missing.
+
+    Triton decides when this module is first imported whether its kernels compile for the
+    GPU or run in its interpreter (``TRITON_INTERPRET=1``, for CPU tensors).
+    """
+    mod = _triton_module()
+    if isinstance(mod, ImportError):
+        raise ImportError(f"the Triton kernels need triton, which failed to import: {mod}; "
+                          f"pip install triton") from mod
+    return mod
+
+
 def resolve(backend: str = "auto", dtype=None):
     """The kernel module for ``backend``, or None for the NumPy reference.
 

@@ -1,6 +1,10 @@
-"""bnlab's kernels as ``torch.library`` custom ops: the bridge between torch and NumPy.
+"""bnlab's kernels as ``torch.library`` custom ops and autograd Functions.
 
-Each op hands the kernels zero-copy NumPy views of CPU tensors and writes into an output
+Two kernel families ("engines") behind the same autograd formulas: numba on CPU tensors
+(through NumPy views, below) and Triton (:mod:`bnlab.kernels.triton_bn`, which takes torch
+tensors itself: CUDA, or CPU in Triton's interpreter).
+
+For numba, each op hands the kernels zero-copy NumPy views of CPU tensors and writes into an output
 tensor allocated by torch, so nothing is copied on the way in or out:
 
 * contiguous memory (NCHW, (N, C), (N, C, L), NCDHW) is viewed with channels on axis 1;
@@ -23,15 +27,20 @@ Ops (namespace ``bnlab``):
 * ``update_running_stats(running_mean!, running_var!, num_batches_tracked!, mean, var, count,
   momentum?)``: the in-place update, skipped when the batch statistics are not finite.
 
+The Triton engine registers the same four as ``bnlab::triton_batch_norm_train`` etc. (any
+device); its mean is float64 (the float32 pair the kernels keep), its other statistics
+float32.
+
 Under ``torch.compile`` the modules call these ops; in eager mode they call the same
 implementations through ``TrainFunction``/``EvalFunction`` (the same autograd formulas),
-which saves the dispatcher's cost per call.
+which saves the dispatcher's cost per call and lets the Triton engine update the running
+statistics in its forward kernel (a traced op cannot mutate and be differentiable at once).
 
 This module has no ``from __future__ import annotations``: ``custom_op`` reads the schema
 from the annotations, and torch 2.4 needs them as real types.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -40,24 +49,13 @@ from torch.autograd.function import once_differentiable
 
 from .. import functional as F
 from .. import kernels
+from ..kernels.torch_layout import memory_format
 
 _F64 = torch.float64
 DTYPES = (torch.float32, torch.float64)  # what the numba kernels compute in
 
 
 # --- layouts -------------------------------------------------------------------------------
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format bnlab's output takes for input ``x`` (torch's rule on CPU):
-    channels-last when x is channels-last and not also plain contiguous, else contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def _as_numpy(t: Tensor, fmt: torch.memory_format) -> tuple[np.ndarray, int]:
@@ -100,10 +98,6 @@ def _output(x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, np.ndarray]:
 
 def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else t.detach().contiguous().numpy()
-
-
-def _stat(x: Tensor) -> Tensor:
-    return x.new_empty((x.shape[1],), dtype=_F64)
 
 
 def _numba():
@@ -176,6 +170,46 @@ def update_impl(running_mean: Tensor, running_var: Tensor, num_batches_tracked: 
     F.update_running_stats(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
 
 
+# --- the Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1) ---------------------
+# bnlab.kernels.triton_bn takes torch tensors and handles layouts itself; statistics are
+# float32. Its training forward can update the running statistics in the same launch
+# (eager); a traced (functional) op cannot mutate, so under torch.compile the update is
+# its own op, as for numba.
+
+
+def _triton():
+    return kernels.resolve_triton()
+
+
+def triton_train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, and the batch's mean (float64), biased var and inv_std (float32), each (C,)."""
+    return _triton().train_forward(x, weight, bias, eps)
+
+
+def triton_eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
+                     bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """y with the given statistics, and copies of mean (float64) and inv_std (float32)."""
+    return _triton().inference(x, mean, var, weight, bias, eps)
+
+
+def triton_backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
+                         weight: Optional[Tensor],
+                         batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dx, dgamma, dbeta (the last two float32, (C,))."""
+    return _triton().backward(dy, x, mean, inv_std, weight, batch_stats)
+
+
+def triton_update_impl(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                       mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> None:
+    """:func:`update_impl`'s semantics in one launch (momentum=None: ``1 / (nbt + 1)``,
+    read on the host as torch's modules do)."""
+    if momentum is None:
+        momentum = 1.0 / (float(num_batches_tracked) + 1.0)
+    _triton().update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                                   count, momentum)
+
+
 # --- autograd formulas (shared by the custom ops and the eager Functions below) -----------
 
 
@@ -204,53 +238,78 @@ def _eval_grads(ctx, dy, backward):
 
 
 def _setup_train(ctx, inputs, output):
-    x, weight, bias, _ = inputs
+    x, weight, bias = inputs[:3]
     _setup(ctx, x, weight, bias, output[1], output[3])
     ctx.mark_non_differentiable(*output[1:])  # the statistics: bookkeeping, not outputs
 
 
 def _setup_eval(ctx, inputs, output):
-    x, _, _, weight, bias, _ = inputs
+    x, _, _, weight, bias = inputs[:5]
     _setup(ctx, x, weight, bias, output[1], output[2])
     ctx.mark_non_differentiable(*output[1:])
 
 
 # --- custom ops: what torch.compile traces ------------------------------------------------
 
-_op = torch.library.custom_op
-batch_norm_train = _op("bnlab::batch_norm_train", train_impl, mutates_args=(),
-                       device_types="cpu")
-batch_norm_eval = _op("bnlab::batch_norm_eval", eval_impl, mutates_args=(), device_types="cpu")
-batch_norm_backward = _op("bnlab::batch_norm_backward", backward_impl, mutates_args=(),
-                          device_types="cpu")
-update_running_stats = _op("bnlab::update_running_stats", update_impl, device_types="cpu",
-                           mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+def _stat(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.new_empty((x.shape[1],), dtype=dtype)
 
 
-@batch_norm_train.register_fake
-def _(x, weight, bias, eps):
-    return _empty_like(x), _stat(x), _stat(x), _stat(x)
+def _stats_fake(x: Tensor, mean_dtype: torch.dtype, stat_dtype: torch.dtype, n: int):
+    return (_stat(x, mean_dtype),) + tuple(_stat(x, stat_dtype) for _ in range(n - 1))
 
 
-@batch_norm_eval.register_fake
-def _(x, mean, var, weight, bias, eps):
-    return _empty_like(x), _stat(x), _stat(x)
+class Ops(NamedTuple):
+    """One kernel family's four custom ops."""
+
+    train: object
+    eval: object
+    backward: object
+    update: object
 
 
-@batch_norm_backward.register_fake
-def _(dy, x, mean, inv_std, weight, batch_stats):
-    return _empty_like(x), _stat(x), _stat(x)
+def _custom_ops(prefix: str, train, eval_, backward, update, device_types,
+                mean_dtype: torch.dtype, stat_dtype: torch.dtype) -> Ops:
+    """Register ``bnlab::{prefix}batch_norm_train`` etc. (module docstring) around the
+    implementations, with fake implementations (the mean of ``mean_dtype``, the other
+    statistics and dgamma/dbeta of ``stat_dtype``) and the autograd formulas above."""
+    def op(name, fn, mutates_args=()):
+        return torch.library.custom_op(f"bnlab::{prefix}{name}", fn, mutates_args=mutates_args,
+                                       device_types=device_types)
+
+    ops = Ops(op("batch_norm_train", train), op("batch_norm_eval", eval_),
+              op("batch_norm_backward", backward),
+              op("update_running_stats", update,
+                 ("running_mean", "running_var", "num_batches_tracked")))
+
+    @ops.train.register_fake
+    def _(x, weight, bias, eps):
+        return _empty_like(x), *_stats_fake(x, mean_dtype, stat_dtype, 3)
+
+    @ops.eval.register_fake
+    def _(x, mean, var, weight, bias, eps):
+        return _empty_like(x), *_stats_fake(x, mean_dtype, stat_dtype, 2)
+
+    @ops.backward.register_fake
+    def _(dy, x, mean, inv_std, weight, batch_stats):
+        return _empty_like(x), _stat(x, stat_dtype), _stat(x, stat_dtype)
+
+    @ops.update.register_fake
+    def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+        return None
+
+    ops.train.register_autograd(lambda ctx, dy, *_: _train_grads(ctx, dy, ops.backward),
+                                setup_context=_setup_train)
+    ops.eval.register_autograd(lambda ctx, dy, *_: _eval_grads(ctx, dy, ops.backward),
+                               setup_context=_setup_eval)
+    return ops
 
 
-@update_running_stats.register_fake
-def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
-    return None
-
-
-batch_norm_train.register_autograd(lambda ctx, dy, *_: _train_grads(ctx, dy, batch_norm_backward),
-                                   setup_context=_setup_train)
-batch_norm_eval.register_autograd(lambda ctx, dy, *_: _eval_grads(ctx, dy, batch_norm_backward),
-                                  setup_context=_setup_eval)
+NUMBA_OPS = _custom_ops("", train_impl, eval_impl, backward_impl, update_impl, "cpu", _F64, _F64)
+TRITON_OPS = _custom_ops("triton_", triton_train_impl, triton_eval_impl, triton_backward_impl,
+                         triton_update_impl, None, _F64, torch.float32)
+batch_norm_train, batch_norm_eval, batch_norm_backward, update_running_stats = NUMBA_OPS
 
 
 # --- eager: the same implementations and formulas without the dispatcher -------------------
@@ -259,34 +318,68 @@ batch_norm_eval.register_autograd(lambda ctx, dy, *_: _eval_grads(ctx, dy, batch
 # implementations through these Functions (or directly, when no gradient is needed).
 
 
+class Engine(NamedTuple):
+    """One kernel family's implementations, for the eager Functions and the modules."""
+
+    train: object  # (x, weight, bias, eps, running_mean, running_var, nbt, count, momentum)
+    eval: object
+    backward: object
+    ops: Ops
+
+
+def _numba_train(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum):
+    y, mean, var, inv_std = train_impl(x, weight, bias, eps)
+    if running_mean is not None:
+        update_impl(running_mean, running_var, nbt, mean, var, count, momentum)
+    return y, mean, var, inv_std
+
+
+def _triton_train(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum):
+    if momentum is None:
+        momentum = 1.0 / (float(nbt) + 1.0)
+    return _triton().train_forward(x, weight, bias, eps, running_mean, running_var, nbt,
+                                   momentum)  # the update in the same launch
+
+
+ENGINES = {"numba": Engine(_numba_train, eval_impl, backward_impl, NUMBA_OPS),
+           "triton": Engine(_triton_train, triton_eval_impl, triton_backward_impl, TRITON_OPS)}
+
+
 class TrainFunction(torch.autograd.Function):
+    """y, mean, var, inv_std = engine's training forward; updates the running statistics
+    (if given) as a side effect. Differentiable in x, weight, bias."""
+
     @staticmethod
-    def forward(x, weight, bias, eps):
-        return train_impl(x, weight, bias, eps)
+    def forward(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum, engine):
+        return engine.train(x, weight, bias, eps, running_mean, running_var, nbt, count,
+                            momentum)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_train(ctx, inputs, output)
+        ctx.engine = inputs[-1]
 
     @staticmethod
     @once_differentiable  # no double backward (nor through the op): a clear error
     def backward(ctx, dy, *_):
-        return _train_grads(ctx, dy, backward_impl)
+        return (*_train_grads(ctx, dy, ctx.engine.backward), None, None, None, None, None,
+                None)
 
 
 class EvalFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, mean, var, weight, bias, eps):
-        return eval_impl(x, mean, var, weight, bias, eps)
+    def forward(x, mean, var, weight, bias, eps, engine):
+        return engine.eval(x, mean, var, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_eval(ctx, inputs, output)
+        ctx.engine = inputs[-1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *_):
-        return _eval_grads(ctx, dy, backward_impl)
+        return (*_eval_grads(ctx, dy, ctx.engine.backward), None)
 
 
 def count_per_channel(x: Tensor) -> int:

@@ -22,8 +22,8 @@ class _BatchNorm:
 
         y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias
 
-    ``backend`` (class attribute, may be set per instance): "auto" (default), "numba" or
-    "native", as in :func:`bnlab.torch.functional.batch_norm`, except that a module's
+    ``backend`` (class attribute, may be set per instance): "auto" (default), "numba",
+    "triton" or "native", as in :func:`bnlab.torch.functional.batch_norm`, except that a module's
     "native" keeps the NaN guard (torch's computation, bnlab's bookkeeping).
     """
 
@@ -41,12 +41,13 @@ class _BatchNorm:
         momentum = self.momentum
         if momentum is None and nbt is None:
             momentum = 0.0  # torch's value when there is no count to average over
-        path = (F.kernel_batch_norm if F.use_kernels(self.backend, input, running_mean,
-                                                     running_var, self.weight, self.bias,
-                                                     bn_training)
-                else F.guarded_native)
-        return path(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                    momentum, self.eps, nbt)
+        engine = F.kernel_engine(self.backend, input, running_mean, running_var, self.weight,
+                                 self.bias, bn_training)
+        if engine is None:
+            return F.guarded_native(input, running_mean, running_var, self.weight, self.bias,
+                                    bn_training, momentum, self.eps, nbt)
+        return F.kernel_batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                   bn_training, momentum, self.eps, nbt, engine)
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

@@ -1,0 +1,560 @@
+"""Batch-normalization kernels for GPUs (Triton), on torch tensors.
+
+The same math as :mod:`bnlab.kernels.numba_bn` (and :mod:`bnlab.functional`, the
+reference), written for Triton 3.6 and newer. On CUDA tensors they compile for the GPU; on
+CPU tensors they run only in Triton's interpreter (``TRITON_INTERPRET=1`` set before this
+module is imported), which is how ``make test`` checks them.
+
+Layouts. Every input is one strided view ``x[n, c, l]`` at ``n*sN + c*sC + l*sL``:
+
+* channels-first: NCHW, NCDHW and (N, C, L) contiguous, L = the spatial size,
+  strides (C*L, L, 1);
+* channels-last: NHWC / NDHWC memory (``torch.channels_last``) and (N, C), as an (M, C)
+  matrix: n runs over the M = N*H*W rows, L = 1, strides (C, 1, 1).
+
+A program works on 3-D tiles ``[BN, BC, BL]``: channels-first tiles are one channel's
+``BN`` rows of ``BL`` contiguous values (BC = 1); channels-last tiles are ``BN`` rows of
+``BC`` contiguous channels (BL = 1). So every load is contiguous in memory.
+
+Grid. Programs are ``(channel block, part)``: each channel block's tiles are cut into ``P``
+parts (many when C is small and N*L large), enough parts to give the GPU about
+``PROGRAMS_PER_SM`` programs per multiprocessor. Reductions write one partial per part
+into a ``(2, P, C)`` float32 buffer, summed in a fixed order: results are the same from run
+to run (no float atomics). Few partials (``P * BC <= FUSED_PARTIALS``) are summed by every
+program of the next kernel; many (channels-last with small C: a thousand parts) once, by a
+small kernel of their own, so that no program re-reads them all.
+
+Passes over memory (the cost that matters; BN does almost no arithmetic), and launches:
+
+* training forward: read x for the statistics, read x and write y (3); 2 launches (3 with
+  many parts). The kernel that has the statistics also updates the running statistics.
+* backward: read x and dy for the two reductions, read both and write dx (5); 2 launches
+  (3 with many parts).
+* inference: read x, write y (2); 1 launch.
+
+Numerics, as in numba_bn: statistics are float32 sums of ``x - k`` and ``(x - k)^2`` with
+``k = x[0, c, 0]`` one sample of the channel, so ``E[x^2] - E[x]^2`` cannot cancel the
+variance away (``x = 1e4 + noise`` keeps it). The batch mean is kept as the float32 pair
+``k + d`` (``d`` the mean of ``x - k``; passed between kernels as one float64), and
+elementwise passes compute ``((x - k) - d) * scale + beta``: ``x - k`` is exact for values
+near ``k``, so a large common offset costs no precision (a float32 mean would: its rounding
+alone is 5e-4 at 1e4). Never ``x * scale + (beta - mean * scale)``, which cancels. Per-channel
+divisions and square roots are IEEE-rounded (``div_rn``, ``sqrt_rn``). float16 and
+bfloat16 inputs are computed in float32 and rounded once on the way out.
+
+NaN guard (bnlab's contract): a training batch whose statistics are not finite in some
+channel updates no running statistic and not ``num_batches_tracked``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_interpreted
+from .torch_layout import TRITON_DTYPES, memory_format
+
+DTYPES = TRITON_DTYPES  # inputs; statistics are float32
+PROGRAMS_PER_SM = 8  # programs per multiprocessor to aim for
+INTERPRETER_SMS = 4  # "multiprocessors" under TRITON_INTERPRET=1: small tests still split
+MAX_PARTS = 1024  # parts per channel block
+FUSED_PARTIALS = 1024  # at most this many partial sums (P * BC) per program: added in place
+FINALIZE_PARTIALS = 4096  # partial sums read at a time when many parts are added once
+# (both powers of two: block sizes are)
+TILE_BYTES = 8192  # bytes of x per tile: 2048 float32 or 4096 float16 values
+
+
+# --- device functions ------------------------------------------------------------------------
+
+
+@triton.jit
+def _channels(c_block, C, BC: tl.constexpr):
+    cc = c_block * BC + tl.arange(0, BC)
+    return cc, cc < C
+
+
+@triton.jit
+def _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN: tl.constexpr, BC: tl.constexpr,
+          BL: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and mask [BN, BC, BL] of tile t of a channel block (tiles run over l first).
+
+    BL = 1 is the (M, C) view (L = 1): then l is 0, said outright so that the compiler
+    sees the offsets' alignment along the channels and vectorizes the loads."""
+    c = c_block * BC + tl.arange(0, BC)[None, :, None]
+    if BL == 1:
+        n = t * BN + tl.arange(0, BN)[:, None, None]
+        if INT64:
+            n = n.to(tl.int64)
+        return n * sN + c * sC, (n < N) & (c < C)  # [BN, BC, 1]
+    nb = t // TL
+    n = nb * BN + tl.arange(0, BN)[:, None, None]
+    l = (t - nb * TL) * BL + tl.arange(0, BL)[None, None, :]
+    if INT64:
+        n = n.to(tl.int64)
+    return n * sN + c * sC + l * sL, (n < N) & (c < C) & (l < L)
+
+
+@triton.jit
+def _parts(part_ptr, P, C, cc, c_mask, PB: tl.constexpr):
+    """Sums over the P parts, in a fixed order, of the two partial sums of channels cc
+    (part[0, p, c] and part[1, p, c]): [BC] each."""
+    s1 = tl.zeros(cc.shape, dtype=tl.float32)
+    s2 = tl.zeros(cc.shape, dtype=tl.float32)
+    for p0 in range(0, P, PB):
+        p = p0 + tl.arange(0, PB)[:, None]
+        mask = (p < P) & c_mask[None, :]
+        offset = p * C + cc[None, :]
+        s1 += tl.sum(tl.load(part_ptr + offset, mask=mask, other=0.0), axis=0)
+        s2 += tl.sum(tl.load(part_ptr + P * C + offset, mask=mask, other=0.0), axis=0)
+    return s1, s2
+
+
+@triton.jit
+def _batch_stats(x_ptr, part_ptr, P, C, sC, cc, c_mask, m, PB: tl.constexpr):
+    """Batch mean as the pair k + d (k = x[0, c, 0], d = mean of x - k) and biased var."""
+    s1, s2 = _parts(part_ptr, P, C, cc, c_mask, PB)
+    k = tl.load(x_ptr + cc * sC, mask=c_mask, other=0.0).to(tl.float32)
+    d = tl.div_rn(s1, m)
+    var = tl.maximum(tl.div_rn(s2, m) - d * d, 0.0,
+                     propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch
+    return k, d, var
+
+
+@triton.jit
+def _split(mean):
+    """A float64 mean [BC] as float32 hi + lo."""
+    hi = mean.to(tl.float32)
+    return hi, (mean - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _finite(v):
+    return tl.abs(v) < float("inf")  # False for NaN and +-inf
+
+
+@triton.jit
+def _update(rm_ptr, rv_ptr, cc, c_mask, ok, mean, unbiased_var, momentum):
+    """running = (1 - momentum) * running + momentum * batch if ok (a scalar), else as is."""
+    rm = tl.load(rm_ptr + cc, mask=c_mask, other=0.0)
+    rv = tl.load(rv_ptr + cc, mask=c_mask, other=0.0)
+    new_rm = (1.0 - momentum) * rm.to(tl.float32) + momentum * mean
+    new_rv = (1.0 - momentum) * rv.to(tl.float32) + momentum * unbiased_var
+    tl.store(rm_ptr + cc, tl.where(ok, new_rm.to(rm.dtype), rm), mask=c_mask)
+    tl.store(rv_ptr + cc, tl.where(ok, new_rv.to(rv.dtype), rv), mask=c_mask)
+
+
+@triton.jit
+def _store_stats(mean_ptr, var_ptr, inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr, bad_ptr, n_bad,
+                 c_block, cc, c_mask, mean_hi, mean_lo, var, inv_std, momentum, unbias,
+                 BADB: tl.constexpr, UPDATE: tl.constexpr, HAS_NBT: tl.constexpr):
+    """Write a channel block's batch statistics (mean as float64 = hi + lo exactly) and,
+    with UPDATE, the running statistics (unbiased var = var * unbias) if no channel's sums
+    were non-finite (bad[] from _stats_kernel); channel block 0 counts the batch in nbt."""
+    mean = mean_hi.to(tl.float64) + mean_lo.to(tl.float64)
+    tl.store(mean_ptr + cc, mean, mask=c_mask)
+    tl.store(var_ptr + cc, var, mask=c_mask)
+    tl.store(inv_std_ptr + cc, inv_std, mask=c_mask)
+    if UPDATE:
+        i = tl.arange(0, BADB)
+        ok = tl.sum(tl.load(bad_ptr + i, mask=i < n_bad, other=0)) == 0
+        _update(rm_ptr, rv_ptr, cc, c_mask, ok, mean.to(tl.float32), var * unbias, momentum)
+        if HAS_NBT:
+            if c_block == 0:
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + ok.to(tl.int64))
+
+
+# --- kernels ---------------------------------------------------------------------------------
+# Integer arguments that only bound loops are not specialized (fewer recompilations); the
+# sizes and strides that decide vectorized loads (C, L, sN, sC, sL) are.
+
+
+@triton.jit(do_not_specialize=["N", "TL", "T", "P"])
+def _stats_kernel(x_ptr, part_ptr, bad_ptr, N, C, L, sN, sC, sL, TL, T, P,
+                  BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, INT64: tl.constexpr):
+    """Partial shifted sums: part[0, p, c] = sum(x - k), part[1, p, c] = sum((x - k)^2) over
+    part p's tiles, k = x[0, c, 0]; bad[p, c_block] = how many of the block's channels have a
+    non-finite partial."""
+    c_block = tl.program_id(0)
+    p = tl.program_id(1)
+    cc, c_mask = _channels(c_block, C, BC)
+    k = tl.load(x_ptr + cc * sC, mask=c_mask, other=0.0).to(tl.float32)[None, :, None]
+    s1 = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    s2 = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    for t in range(p * T // P, (p + 1) * T // P):
+        offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
+        x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - k, 0.0)
+        s1 += d
+        s2 += d * d
+    s1 = tl.sum(tl.sum(s1, axis=2), axis=0)
+    s2 = tl.sum(tl.sum(s2, axis=2), axis=0)
+    tl.store(part_ptr + p * C + cc, s1, mask=c_mask)
+    tl.store(part_ptr + P * C + p * C + cc, s2, mask=c_mask)
+    bad = tl.where(c_mask & ~(_finite(s1) & _finite(s2)), 1, 0)
+    tl.store(bad_ptr + p * tl.num_programs(0) + c_block, tl.sum(bad))
+
+
+@triton.jit(do_not_specialize=["P", "n_bad"])
+def _finalize_stats_kernel(x_ptr, part_ptr, bad_ptr, mean_ptr, var_ptr, inv_std_ptr, rm_ptr,
+                           rv_ptr, nbt_ptr, P, C, sC, n_bad, m, eps, momentum, unbias,
+                           BC: tl.constexpr, PB: tl.constexpr, BADB: tl.constexpr,
+                           UPDATE: tl.constexpr, HAS_NBT: tl.constexpr):
+    """Batch statistics of a block of channels from many parts, once (not in every program
+    of _normalize_kernel), with the running-statistics update."""
+    c_block = tl.program_id(0)
+    cc, c_mask = _channels(c_block, C, BC)
+    k, d, var = _batch_stats(x_ptr, part_ptr, P, C, sC, cc, c_mask, m, PB)
+    inv_std = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    _store_stats(mean_ptr, var_ptr, inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr, bad_ptr, n_bad,
+                 c_block, cc, c_mask, k, d, var, inv_std, momentum, unbias, BADB, UPDATE,
+                 HAS_NBT)
+
+
+@triton.jit(do_not_specialize=["N", "TL", "T", "P", "n_bad"])
+def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
+                      stat_mean_ptr, stat_var_ptr, stat_inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr,
+                      N, C, L, sN, sC, sL, TL, T, P, n_bad, m, eps, momentum, unbias,
+                      BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
+                      INT64: tl.constexpr, PB: tl.constexpr, BADB: tl.constexpr,
+                      MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      UPDATE: tl.constexpr, HAS_NBT: tl.constexpr):
+    """y = (x - mean) * (w * inv_std) + b over part p's tiles, inv_std = 1 / sqrt(var + eps).
+
+    MODE 0 (training, few parts): mean and biased var from the partial sums (over m values
+    per channel); the first part of each channel block stores them (_store_stats, with the
+    running-statistics update). MODE 1 (training, many parts): mean and inv_std from
+    _finalize_stats_kernel. MODE 2 (evaluation): mean and var given (running statistics);
+    the first part stores mean (float64) and inv_std for the backward.
+    """
+    c_block = tl.program_id(0)
+    p = tl.program_id(1)
+    cc, c_mask = _channels(c_block, C, BC)
+    if MODE == 0:  # mean = hi + lo exactly: x - mean is computed as (x - hi) - lo
+        mean_hi, mean_lo, var = _batch_stats(x_ptr, part_ptr, P, C, sC, cc, c_mask, m, PB)
+        inv_std = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    elif MODE == 1:
+        mean_hi, mean_lo = _split(tl.load(stat_mean_ptr + cc, mask=c_mask, other=0.0))
+        inv_std = tl.load(stat_inv_std_ptr + cc, mask=c_mask, other=0.0)
+    else:
+        mean_hi = tl.load(mean_ptr + cc, mask=c_mask, other=0.0).to(tl.float32)
+        mean_lo = tl.zeros((BC,), dtype=tl.float32)
+        var = tl.load(var_ptr + cc, mask=c_mask, other=1.0).to(tl.float32)
+        inv_std = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    scale = inv_std
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + cc, mask=c_mask, other=1.0).to(tl.float32)
+    beta = tl.zeros((BC,), dtype=tl.float32)
+    if HAS_B:
+        beta = tl.load(b_ptr + cc, mask=c_mask, other=0.0).to(tl.float32)
+    hi3 = mean_hi[None, :, None]
+    lo3 = mean_lo[None, :, None]
+    scale3 = scale[None, :, None]
+    beta3 = beta[None, :, None]
+    for t in range(p * T // P, (p + 1) * T // P):
+        offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
+        x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        y = ((x - hi3) - lo3) * scale3 + beta3
+        tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if p == 0:
+        if MODE == 0:
+            _store_stats(stat_mean_ptr, stat_var_ptr, stat_inv_std_ptr, rm_ptr, rv_ptr,
+                         nbt_ptr, bad_ptr, n_bad, c_block, cc, c_mask, mean_hi, mean_lo, var,
+                         inv_std, momentum, unbias, BADB, UPDATE, HAS_NBT)
+        elif MODE == 2:
+            tl.store(stat_mean_ptr + cc, mean_hi.to(tl.float64), mask=c_mask)
+            tl.store(stat_inv_std_ptr + cc, inv_std, mask=c_mask)
+
+
+@triton.jit(do_not_specialize=["C"])
+def _update_kernel(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, momentum, unbias,
+                   BC: tl.constexpr, HAS_NBT: tl.constexpr):
+    """The running-statistics update on its own (one program): for torch.compile, whose
+    traced forward cannot mutate; the same update and guard as _store_stats'."""
+    bad = tl.zeros((BC,), dtype=tl.int32)
+    for c0 in range(0, C, BC):
+        cc = c0 + tl.arange(0, BC)
+        c_mask = cc < C
+        mean = tl.load(mean_ptr + cc, mask=c_mask, other=0.0)
+        var = tl.load(var_ptr + cc, mask=c_mask, other=0.0)
+        bad += tl.where(c_mask & ~(_finite(mean) & _finite(var)), 1, 0)
+    ok = tl.sum(bad) == 0
+    for c0 in range(0, C, BC):
+        cc = c0 + tl.arange(0, BC)
+        c_mask = cc < C
+        mean = tl.load(mean_ptr + cc, mask=c_mask, other=0.0).to(tl.float32)
+        var = tl.load(var_ptr + cc, mask=c_mask, other=0.0)
+        _update(rm_ptr, rv_ptr, cc, c_mask, ok, mean, var * unbias, momentum)
+    if HAS_NBT:
+        tl.store(nbt_ptr, tl.load(nbt_ptr) + ok.to(tl.int64))
+
+
+@triton.jit(do_not_specialize=["N", "TL", "T", "P"])
+def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, N, C, L, sN, sC, sL, TL, T, P,
+                      BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
+                      INT64: tl.constexpr):
+    """Partial sums: part[0, p, c] = sum(dy), part[1, p, c] = sum(dy * (x - mean))."""
+    c_block = tl.program_id(0)
+    p = tl.program_id(1)
+    cc, c_mask = _channels(c_block, C, BC)
+    hi, lo = _split(tl.load(mean_ptr + cc, mask=c_mask, other=0.0))
+    hi = hi[None, :, None]
+    lo = lo[None, :, None]
+    s1 = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    s2 = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    for t in range(p * T // P, (p + 1) * T // P):
+        offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
+        dy = tl.load(dy_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        s1 += dy
+        s2 += dy * tl.where(mask, (x - hi) - lo, 0.0)
+    tl.store(part_ptr + p * C + cc, tl.sum(tl.sum(s1, axis=2), axis=0), mask=c_mask)
+    tl.store(part_ptr + P * C + p * C + cc, tl.sum(tl.sum(s2, axis=2), axis=0), mask=c_mask)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _finalize_grads_kernel(part_ptr, inv_std_ptr, dgamma_ptr, dbeta_ptr, P, C,
+                           BC: tl.constexpr, PB: tl.constexpr):
+    """dbeta = sum(dy), dgamma = inv_std * sum(dy * (x - mean)) from many parts, once."""
+    cc, c_mask = _channels(tl.program_id(0), C, BC)
+    dbeta, s_dyxmu = _parts(part_ptr, P, C, cc, c_mask, PB)
+    inv_std = tl.load(inv_std_ptr + cc, mask=c_mask, other=0.0)
+    tl.store(dgamma_ptr + cc, s_dyxmu * inv_std, mask=c_mask)
+    tl.store(dbeta_ptr + cc, dbeta, mask=c_mask)
+
+
+@triton.jit(do_not_specialize=["N", "TL", "T", "P"])
+def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr,
+               dgamma_ptr, dbeta_ptr, N, C, L, sN, sC, sL, TL, T, P, m,
+               BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, INT64: tl.constexpr,
+               PB: tl.constexpr, FUSED: tl.constexpr, HAS_W: tl.constexpr,
+               BATCH_STATS: tl.constexpr):
+    """dx over part p's tiles.
+
+        dbeta = sum(dy),  dgamma = sum(dy * x_hat) = inv_std * sum(dy * (x - mean))
+        batch statistics:  dx = w * inv_std * (dy - dbeta / m - x_hat * dgamma / m)
+        given statistics:  dx = w * inv_std * dy
+    computed as dy * k1 + (x - mean) * k2 + k3 with per-channel k1, k2, k3. FUSED (few
+    parts): dgamma and dbeta from the partial sums, stored by the first part; else read
+    from _finalize_grads_kernel.
+    """
+    c_block = tl.program_id(0)
+    p = tl.program_id(1)
+    cc, c_mask = _channels(c_block, C, BC)
+    inv_std = tl.load(inv_std_ptr + cc, mask=c_mask, other=0.0)
+    if FUSED:
+        dbeta, s_dyxmu = _parts(part_ptr, P, C, cc, c_mask, PB)
+        dgamma = s_dyxmu * inv_std
+        if p == 0:
+            tl.store(dgamma_ptr + cc, dgamma, mask=c_mask)
+            tl.store(dbeta_ptr + cc, dbeta, mask=c_mask)
+    else:
+        dgamma = tl.load(dgamma_ptr + cc, mask=c_mask, other=0.0)
+        dbeta = tl.load(dbeta_ptr + cc, mask=c_mask, other=0.0)
+    k1 = inv_std
+    if HAS_W:
+        k1 = k1 * tl.load(w_ptr + cc, mask=c_mask, other=1.0).to(tl.float32)
+    hi, lo = _split(tl.load(mean_ptr + cc, mask=c_mask, other=0.0))
+    hi = hi[None, :, None]
+    lo = lo[None, :, None]
+    k2 = tl.div_rn(-k1 * inv_std * dgamma, m)[None, :, None]
+    k3 = tl.div_rn(-k1 * dbeta, m)[None, :, None]
+    k1 = k1[None, :, None]
+    for t in range(p * T // P, (p + 1) * T // P):
+        offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
+        dy = tl.load(dy_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        if BATCH_STATS:
+            x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+            dx = dy * k1 + ((x - hi) - lo) * k2 + k3
+        else:
+            dx = dy * k1
+        tl.store(dx_ptr + offset, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# --- host side -------------------------------------------------------------------------------
+
+
+def check_device(x: torch.Tensor) -> None:
+    """A clear error for a tensor these kernels cannot run on."""
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu" and triton_interpreted():
+        return
+    where = ("CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 before "
+             "bnlab imports Triton" if x.device.type == "cpu" else "CUDA tensors")
+    raise ValueError(f"the Triton kernels run on {where}; got a tensor on {x.device}")
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (``INTERPRETER_SMS`` for CPU tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
+class _Launch:
+    """Grid and tile sizes for x (in memory format ``fmt``): the view (N, C, L) and its
+    strides, tiles [BN, BC, BL], ``T`` tiles per channel block cut into ``P`` parts;
+    ``fused``: few enough partial sums (P * BC) for every program to add them up itself,
+    else one extra small kernel adds them once."""
+
+    def __init__(self, x: torch.Tensor, fmt: torch.memory_format):
+        C = x.shape[1]
+        spatial = math.prod(x.shape[2:])
+        tile = TILE_BYTES // x.element_size()
+        if fmt == torch.contiguous_format and spatial > 1:  # channels-first
+            N, L = x.shape[0], spatial
+            self.strides = (C * L, L, 1)
+            BC, BL = 1, min(triton.next_power_of_2(L), 512)
+            BN = max(1, min(triton.next_power_of_2(N), tile // BL))
+        else:  # (M, C): channels-last memory, (N, C), or a spatial size of 1
+            N, L = x.shape[0] * spatial, 1
+            self.strides = (C, 1, 1)
+            BL, BC = 1, min(triton.next_power_of_2(C), 128)
+            BN = max(1, min(triton.next_power_of_2(N), tile // BC))
+        self.N, self.C, self.L = N, C, L
+        self.BN, self.BC, self.BL = BN, BC, BL
+        self.TL = triton.cdiv(L, BL)
+        self.T = triton.cdiv(N, BN) * self.TL
+        blocks = triton.cdiv(C, BC)
+        programs = PROGRAMS_PER_SM * multiprocessors(x.device)
+        self.P = max(1, min(self.T, MAX_PARTS, triton.cdiv(programs, blocks)))
+        self.grid = (blocks, self.P)
+        self.fused = self.P * BC <= FUSED_PARTIALS
+        self.PB = min(triton.next_power_of_2(self.P), max(1, FUSED_PARTIALS // BC))
+        self.int64 = x.numel() >= 2**31
+        self.num_warps = 8 if BN * BC * BL >= 4096 else 4
+
+    def args(self):
+        return (self.N, self.C, self.L, *self.strides, self.TL, self.T, self.P)
+
+    def meta(self):
+        return dict(BN=self.BN, BC=self.BC, BL=self.BL, INT64=self.int64,
+                    num_warps=self.num_warps)
+
+    def finalize_grid(self):
+        """(grid, BC, PB) of the kernels that add up many parts: blocks of 8 channels (so
+        that even C = 64 gets 8 programs), each reading [PB, BC] partial sums at a time."""
+        BC = min(triton.next_power_of_2(self.C), 8)
+        return (triton.cdiv(self.C, BC),), BC, max(1, min(triton.next_power_of_2(self.P),
+                                                         FINALIZE_PARTIALS // BC))
+
+
+def _check(x: torch.Tensor, name: str = "x") -> None:
+    check_device(x)
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the Triton kernels take {name} as float32, float16 or bfloat16, "
+                        f"got {x.dtype}")
+    if x.dim() < 2 or x.numel() == 0:
+        raise ValueError(f"{name} must be (N, C, ...) with at least one element, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _stats_like(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(x.shape[1], dtype=dtype, device=x.device)
+
+
+def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=None,
+                  num_batches_tracked=None, momentum: float = 0.1):
+    """Training forward with batch statistics, the running-statistics update fused in.
+
+        mean = E[x], var = E[(x - mean)^2] (biased), over every axis but 1
+        y = (x - mean) / sqrt(var + eps) * weight + bias
+
+    Two launches (three when the reductions are cut into many parts).
+
+    Args:
+        x: (N, C, ...) float32/float16/bfloat16, contiguous or channels-last (other
+           strides are copied).
+        weight, bias: (C,) or None (1 and 0).
+        running_mean, running_var: (C,) or None; updated in place with
+           ``(1 - momentum) * running + momentum * batch`` (unbiased var), and
+           ``num_batches_tracked`` (or None) incremented, unless a channel's statistics are
+           not finite.
+
+    Returns:
+        y (x's shape, dtype and memory format); (C,) mean (float64: the float32 pair k + d,
+        exactly), var (biased) and inv_std (float32).
+    """
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    run = _Launch(x, fmt)
+    m = run.N * run.L
+    parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
+    bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
+    _stats_kernel[run.grid](x, parts, bad, *run.args(), **run.meta())
+    y = torch.empty_like(x, memory_format=fmt)
+    mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
+    update = running_mean is not None and running_var is not None
+    stats = dict(n_bad=bad.numel(), m=float(m), eps=float(eps), momentum=float(momentum),
+                 unbias=m / max(m - 1, 1), BADB=triton.next_power_of_2(bad.numel()),
+                 UPDATE=update, HAS_NBT=update and num_batches_tracked is not None)
+    if not run.fused:
+        grid, BC, PB = run.finalize_grid()
+        _finalize_stats_kernel[grid](x, parts, bad, mean, var, inv_std, running_mean,
+                                     running_var, num_batches_tracked, run.P, run.C,
+                                     run.strides[1], BC=BC, PB=PB, **stats)
+    _normalize_kernel[run.grid](
+        x, y, parts, bad, weight, bias, None, None, mean, var, inv_std,
+        running_mean, running_var, num_batches_tracked, *run.args(), **stats, PB=run.PB,
+        MODE=0 if run.fused else 1, HAS_W=weight is not None, HAS_B=bias is not None,
+        **run.meta())
+    return y, mean, var, inv_std
+
+
+def inference(x, mean, var, weight, bias, eps: float):
+    """y = (x - mean) / sqrt(var + eps) * weight + bias with given (C,) statistics (any float
+    dtype); one launch. Returns y and (C,) copies of mean (float64) and inv_std (float32),
+    for the backward."""
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    run = _Launch(x, fmt)
+    y = torch.empty_like(x, memory_format=fmt)
+    mean_out, inv_std = _stats_like(x, torch.float64), _stats_like(x)
+    _normalize_kernel[run.grid](
+        x, y, None, None, weight, bias, mean, var, mean_out, None, inv_std, None, None, None,
+        *run.args(), 0, 1.0, float(eps), 0.0, 1.0, PB=1, BADB=1, MODE=2,
+        HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=False, HAS_NBT=False,
+        **run.meta())
+    return y, mean_out, inv_std
+
+
+def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
+                         count: int, momentum: float) -> None:
+    """The update of :func:`train_forward` on its own, from (C,) batch mean and biased var
+    over ``count`` values per channel (one launch)."""
+    check_device(running_mean)
+    C = running_mean.shape[0]
+    _update_kernel[(1,)](running_mean, running_var, num_batches_tracked, mean, var, C,
+                         float(momentum), count / max(count - 1, 1),
+                         BC=min(triton.next_power_of_2(C), 1024),
+                         HAS_NBT=num_batches_tracked is not None)
+
+
+def backward(dy, x, mean, inv_std, weight, batch_stats: bool):
+    """Gradients of y = (x - mean) * inv_std * weight + bias, from (C,) mean (float64, as
+    the forward returns it) and inv_std (float32); ``batch_stats``: mean and inv_std were
+    x's own (training), so they depend on x. Two launches (three with many parts).
+
+    Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta.
+    """
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    dy = dy.to(x.dtype).contiguous(memory_format=fmt)  # dy may come in another layout
+    run = _Launch(x, fmt)
+    parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
+    _grad_sums_kernel[run.grid](dy, x, mean, parts, *run.args(), **run.meta())
+    dx = torch.empty_like(x, memory_format=fmt)
+    dgamma, dbeta = _stats_like(x), _stats_like(x)
+    if not run.fused:
+        grid, BC, PB = run.finalize_grid()
+        _finalize_grads_kernel[grid](parts, inv_std, dgamma, dbeta, run.P, run.C, BC=BC, PB=PB)
+    _dx_kernel[run.grid](dy, x, dx, parts, mean, inv_std, weight, dgamma, dbeta, *run.args(),
+                         float(run.N * run.L), PB=run.PB, FUSED=run.fused,
+                         HAS_W=weight is not None, BATCH_STATS=bool(batch_stats), **run.meta())
+    return dx, dgamma, dbeta

@@ -1,0 +1,118 @@
+"""Check and time bnlab's Triton kernels on a GPU in one call (issue 10).
+
+Runs from the source tree without installing (the GPU machine has torch, Triton and numba
+but no network, no mlxtend, matplotlib or pooch):
+
+    PYTHONPATH=src python tools/gpu_check.py --out "$OUT"
+
+1. the correctness cases of :mod:`bnlab.torch.checks` on CUDA (the small ones first, the
+   benchmark-sized ones last), each against bnlab's float64 NumPy reference and torch's
+   own running statistics, with a bitwise determinism check;
+2. ``bnlab bench --device cuda`` (:mod:`bnlab.bench_gpu`): bnlab against torch's native
+   kernels and a device copy, in copy-times and ratios.
+
+Everything goes to ``OUT/gpu_check.json`` after every step (a timeout still leaves what
+was measured), the benchmark also to ``OUT/bench-gpu.json`` (the format of
+docs/bench-gpu.json) and ``OUT/bench-gpu.txt``. A time budget (default 270 s) skips the
+remaining large correctness cases rather than running over the call's limit.
+
+Dry run on a CPU (the kernels in Triton's interpreter, small cases and small bench shapes):
+
+    TRITON_INTERPRET=1 PYTHONPATH=src python tools/gpu_check.py --device cpu --out /tmp/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
+    p.add_argument("--budget", type=float, default=270.0, help="seconds (default 270)")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench time per candidate")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    from bnlab import bench_gpu
+    from bnlab.torch import checks
+
+    report = {"environment": bench_gpu.environment(args.device), "checks": [], "skipped": [],
+              "errors": [], "phases": {}}
+
+    def save():
+        report["elapsed_s"] = round(time.perf_counter() - start, 1)
+        bench_gpu.write_json(report, out / "gpu_check.json")
+
+    def check(cases, phase):
+        t = time.perf_counter()
+        for case in cases:
+            if time.perf_counter() - start > args.budget:
+                report["skipped"].append(case.name)
+                continue
+            try:
+                result = checks.run_case(case, args.device)
+            except Exception:  # noqa: BLE001 - record and go on: one call, every figure
+                report["errors"].append({"case": case.name, "error": traceback.format_exc()})
+                save()
+                continue
+            report["checks"].append(result)
+            flag = "ok " if result["ok"] else "BAD"
+            worst = max(result["errors"], key=lambda k: result["errors"][k] / result["tolerances"][k])
+            print(f"{flag} {result['case']:44s} worst {worst} {result['errors'][worst]:.2e} "
+                  f"(tol {result['tolerances'][worst]:.1e})", flush=True)
+            save()
+        report["phases"][phase] = round(time.perf_counter() - t, 1)
+
+    small = [c for c in checks.CASES if c.small]
+    large = [c for c in checks.CASES if not c.small]
+    check(small, "small checks")
+
+    t = time.perf_counter()
+    try:
+        def on_row(result):
+            report["bench"] = result
+            save()
+
+        bench = bench_gpu.run(args.device, rep_ms=args.rep_ms, on_row=on_row)
+        report["bench"] = bench
+        bench_gpu.write_json(bench, out / "bench-gpu.json")
+        table = bench_gpu.format_table(bench)
+        (out / "bench-gpu.txt").write_text(table + "\n")
+        print(table, flush=True)
+    except Exception:  # noqa: BLE001
+        report["errors"].append({"case": "bench", "error": traceback.format_exc()})
+        print(report["errors"][-1]["error"], flush=True)
+    report["phases"]["bench"] = round(time.perf_counter() - t, 1)
+    save()
+
+    if args.device == "cuda":
+        check(large, "large checks")
+        torch.cuda.synchronize()
+    else:
+        report["skipped"] += [c.name for c in large]
+    report["all_ok"] = (all(r["ok"] for r in report["checks"]) and not report["errors"])
+    save()
+    n_bad = sum(not r["ok"] for r in report["checks"])
+    print(f"{len(report['checks'])} cases checked, {n_bad} bad, {len(report['errors'])} errors, "
+          f"{len(report['skipped'])} skipped; {report['elapsed_s']} s; phases "
+          f"{json.dumps(report['phases'])}", flush=True)
+    return 0 if report["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
