@@ -417,7 +417,7 @@ def test_convert_then_revert_is_bit_identical():
     assert torch.equal(back(x), y)
 
 
-def test_convert_root_bn_and_refusals():
+def test_convert_root_bn_and_subclasses():
     root = torch.nn.BatchNorm1d(5)
     new = bt.convert(root)
     assert type(new) is bt.BatchNorm1d and new.weight is root.weight
@@ -427,10 +427,6 @@ def test_convert_root_bn_and_refusals():
         pass
 
     assert type(bt.convert(torch.nn.Sequential(Mine(3)))[0]) is Mine
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
-        bt.convert(torch.nn.Sequential(torch.nn.Linear(2, 2)), sync=True)
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
-        bt.convert(torch.nn.Sequential(torch.nn.SyncBatchNorm(2)))
 
 
 def test_isinstance_checks_still_hold():

@@ -81,7 +81,8 @@ def _dx_coefficients(dbeta, dgamma, inv_std, gamma, m, batch_stats):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cf_forward(x, gamma, beta, eps, out):
+def _cf_sums(x):
+    """Partial shifted sums (N, C) of x - k and (x - k)^2, and the shift k (C,)."""
     N, C, L = x.shape
     shift = np.empty(C)
     for c in range(C):
@@ -99,9 +100,22 @@ def _cf_forward(x, gamma, beta, eps, out):
             q += v * v
         S[n, c] = s
         Q[n, c] = q
-    mean, var, inv_std = _combine(S, Q, shift, N * L, eps)
+    return S, Q, shift
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cf_forward(x, gamma, beta, eps, out):
+    S, Q, shift = _cf_sums(x)
+    mean, var, inv_std = _combine(S, Q, shift, x.shape[0] * x.shape[2], eps)
     _cf_normalize(x, mean, inv_std, gamma, beta, out)
     return mean, var, inv_std
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cf_moments(x):
+    S, Q, shift = _cf_sums(x)
+    mean, var, _ = _combine(S, Q, shift, x.shape[0] * x.shape[2], 1.0)
+    return mean, var
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -118,7 +132,8 @@ def _cf_normalize(x, mean, inv_std, gamma, beta, out):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out):
+def _cf_grad_sums(x, dy, mean):
+    """sum(dy) and sum(dy * (x - mean)) per channel, float64 (C,) each."""
     N, C, L = x.shape
     S = np.empty((N, C))
     P = np.empty((N, C))
@@ -133,16 +148,29 @@ def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out):
             p += g * (np.float64(x[n, c, i]) - mu)
         S[n, c] = s
         P[n, c] = p
-    dbeta = S.sum(axis=0)
-    dgamma = P.sum(axis=0) * inv_std
-    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, N * L, batch_stats)
+    return S.sum(axis=0), P.sum(axis=0)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out):
+    dbeta, p = _cf_grad_sums(x, dy, mean)
+    dgamma = p * inv_std
+    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, x.shape[0] * x.shape[2],
+                               batch_stats)
+    _cf_dx(x, dy, mean, A, B, D, out)
+    return dgamma, dbeta
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cf_dx(x, dy, mean, A, B, D, out):
+    """out = A * dy + B * (x - mean) + D, in x's precision."""
+    N, C, L = x.shape
     for t in prange(N * C):
         n, c = t // C, t % C
         mu = x.dtype.type(mean[c])
         a, b, d = x.dtype.type(A[c]), x.dtype.type(B[c]), x.dtype.type(D[c])
         for i in range(L):
             out[n, c, i] = a * dy[n, c, i] + b * (x[n, c, i] - mu) + d
-    return dgamma, dbeta
 
 
 # --- channels-last (M, C) ------------------------------------------------------------------
@@ -160,7 +188,8 @@ def _tile(t, cb, M, C, rb):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cl_forward(x, gamma, beta, eps, out, rb, cb):
+def _cl_sums(x, rb, cb):
+    """Partial shifted sums (rb, C) of x - k and (x - k)^2, and the shift k (C,)."""
     M, C = x.shape
     shift = np.empty(C)
     for c in range(C):
@@ -185,9 +214,22 @@ def _cl_forward(x, gamma, beta, eps, out, rb, cb):
                 v = np.float64(xr[c]) - k[c]
                 s[c] += v
                 q[c] += v * v
-    mean, var, inv_std = _combine(S, Q, shift, M, eps)
+    return S, Q, shift
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cl_forward(x, gamma, beta, eps, out, rb, cb):
+    S, Q, shift = _cl_sums(x, rb, cb)
+    mean, var, inv_std = _combine(S, Q, shift, x.shape[0], eps)
     _cl_normalize(x, mean, inv_std, gamma, beta, out, rb, cb)
     return mean, var, inv_std
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cl_moments(x, rb, cb):
+    S, Q, shift = _cl_sums(x, rb, cb)
+    mean, var, _ = _combine(S, Q, shift, x.shape[0], 1.0)
+    return mean, var
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
@@ -207,7 +249,8 @@ def _cl_normalize(x, mean, inv_std, gamma, beta, out, rb, cb):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
+def _cl_grad_sums(x, dy, mean, rb, cb):
+    """sum(dy) and sum(dy * (x - mean)) per channel, float64 (C,) each."""
     M, C = x.shape
     S = np.zeros((rb, C))
     P = np.zeros((rb, C))
@@ -231,9 +274,22 @@ def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
                 g = np.float64(gr[c])
                 s[c] += g
                 p[c] += g * (np.float64(xr[c]) - mu[c])
-    dbeta = S.sum(axis=0)
-    dgamma = P.sum(axis=0) * inv_std
-    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, M, batch_stats)
+    return S.sum(axis=0), P.sum(axis=0)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
+    dbeta, p = _cl_grad_sums(x, dy, mean, rb, cb)
+    dgamma = p * inv_std
+    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, x.shape[0], batch_stats)
+    _cl_dx(x, dy, mean, A, B, D, out, rb, cb)
+    return dgamma, dbeta
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _cl_dx(x, dy, mean, A, B, D, out, rb, cb):
+    """out = A * dy + B * (x - mean) + D, in x's precision."""
+    M, C = x.shape
     mu = mean.astype(x.dtype)
     A, B, D = A.astype(x.dtype), B.astype(x.dtype), D.astype(x.dtype)
     for t in prange(rb * cb):
@@ -243,7 +299,6 @@ def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
             xr, gr, dr = x[r, c0:c1], dy[r, c0:c1], out[r, c0:c1]
             for c in range(xr.shape[0]):
                 dr[c] = A_[c] * gr[c] + B_[c] * (xr[c] - mu_[c]) + D_[c]
-    return dgamma, dbeta
 
 
 # --- dispatch (called by bnlab.functional with validated float32/float64 arrays) -----------
@@ -369,3 +424,37 @@ def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool, out=None
     dgamma, dbeta = _call(v, last, threads, _cl_backward, _cf_backward, d, mean, inv_std, g,
                           batch_stats, out)
     return out.reshape(x.shape), dgamma, dbeta
+
+
+# --- pieces for distributed BN (bnlab.torch.SyncBatchNorm): local sums, global coefficients
+
+
+def moments(x, axis: int, threads=Threads()):
+    """Batch mean and biased var (float64, (C,)) of x with channels on ``axis``: the first
+    half of :func:`train_forward`."""
+    v, last = _view(x, axis)
+    return _call(v, last, threads, _cl_moments, _cf_moments)
+
+
+def grad_sums(dy, x, mean, axis: int, threads=Threads()):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (float64, (C,)): the reductions
+    of :func:`backward`."""
+    v, last = _view(x, axis)
+    d, _ = _view(dy.astype(x.dtype, copy=False), axis)
+    return _call(v, last, threads, _cl_grad_sums, _cf_grad_sums, d, mean.astype(np.float64))
+
+
+def dx_from_sums(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xmu, count: int, axis: int,
+                 out=None, threads=Threads()):
+    """dx of :func:`backward` (batch statistics) from given sums over ``count`` values per
+    channel, e.g. summed over every process: the elementwise half of :func:`backward`."""
+    v, last = _view(x, axis)
+    d, _ = _view(dy.astype(x.dtype, copy=False), axis)
+    g, _ = _params(gamma, None, v.shape[1])
+    mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
+    A, B, D = _dx_coefficients(np.asarray(sum_dy, np.float64),
+                               np.asarray(sum_dy_xmu, np.float64) * inv_std, inv_std, g,
+                               count, True)
+    out = _out(out, v)
+    _call(v, last, threads, _cl_dx, _cf_dx, d, mean, A, B, D, out)
+    return out.reshape(x.shape)

@@ -238,9 +238,8 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
     elif MODE == 1:
         mean_hi, mean_lo = _split(tl.load(stat_mean_ptr + cc, mask=c_mask, other=0.0))
         inv_std = tl.load(stat_inv_std_ptr + cc, mask=c_mask, other=0.0)
-    else:
-        mean_hi = tl.load(mean_ptr + cc, mask=c_mask, other=0.0).to(tl.float32)
-        mean_lo = tl.zeros((BC,), dtype=tl.float32)
+    else:  # a float64 mean (as SyncBatchNorm's global one) is split; others have lo = 0
+        mean_hi, mean_lo = _split(tl.load(mean_ptr + cc, mask=c_mask, other=0.0).to(tl.float64))
         var = tl.load(var_ptr + cc, mask=c_mask, other=1.0).to(tl.float32)
         inv_std = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
     scale = inv_std
@@ -264,7 +263,8 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
                          nbt_ptr, bad_ptr, n_bad, c_block, cc, c_mask, mean_hi, mean_lo, var,
                          inv_std, momentum, unbias, BADB, UPDATE, HAS_NBT)
         elif MODE == 2:
-            tl.store(stat_mean_ptr + cc, mean_hi.to(tl.float64), mask=c_mask)
+            tl.store(stat_mean_ptr + cc, mean_hi.to(tl.float64) + mean_lo.to(tl.float64),
+                     mask=c_mask)
             tl.store(stat_inv_std_ptr + cc, inv_std, mask=c_mask)
 
 
@@ -558,3 +558,58 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool):
                          float(run.N * run.L), PB=run.PB, FUSED=run.fused,
                          HAS_W=weight is not None, BATCH_STATS=bool(batch_stats), **run.meta())
     return dx, dgamma, dbeta
+
+
+# --- pieces for distributed BN (bnlab.torch.SyncBatchNorm): local sums, global coefficients
+
+
+def moments(x):
+    """Batch mean (float64, the exact float32 pair) and biased var (float32), (C,) each: the
+    statistics half of :func:`train_forward` (two launches)."""
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    run = _Launch(x, fmt)
+    parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
+    bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
+    _stats_kernel[run.grid](x, parts, bad, *run.args(), **run.meta())
+    mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
+    grid, BC, PB = run.finalize_grid()
+    m = run.N * run.L
+    _finalize_stats_kernel[grid](x, parts, bad, mean, var, inv_std, None, None, None, run.P,
+                                 run.C, run.strides[1], bad.numel(), float(m), 1.0, 0.0, 1.0,
+                                 BC=BC, PB=PB, BADB=1, UPDATE=False, HAS_NBT=False)
+    return mean, var
+
+
+def grad_sums(dy, x, mean):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (float32, (C,)): the reductions
+    of :func:`backward` (two launches)."""
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+    run = _Launch(x, fmt)
+    parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
+    _grad_sums_kernel[run.grid](dy, x, mean, parts, *run.args(), **run.meta())
+    sum_dy, sum_dy_xmu = _stats_like(x), _stats_like(x)
+    grid, BC, PB = run.finalize_grid()
+    ones = torch.ones(run.C, dtype=torch.float32, device=x.device)  # inv_std = 1: raw sums
+    _finalize_grads_kernel[grid](parts, ones, sum_dy_xmu, sum_dy, run.P, run.C, BC=BC, PB=PB)
+    return sum_dy, sum_dy_xmu
+
+
+def dx_from_sums(dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count: int):
+    """dx of :func:`backward` (batch statistics) from given float32 (C,) sums over ``count``
+    values per channel, e.g. summed over every process (one launch)."""
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+    run = _Launch(x, fmt)
+    dx = torch.empty_like(x, memory_format=fmt)
+    dgamma = (sum_dy_xmu * inv_std).to(torch.float32)
+    _dx_kernel[run.grid](dy, x, dx, None, mean, inv_std, weight, dgamma,
+                         sum_dy.to(torch.float32), *run.args(), float(count), PB=1,
+                         FUSED=False, HAS_W=weight is not None, BATCH_STATS=True, **run.meta())
+    return dx

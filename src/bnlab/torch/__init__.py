@@ -3,6 +3,7 @@
     model = bnlab.torch.convert(model)      # torch's BN layers -> bnlab's, same tensors
 
 * :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of torch's.
+* :class:`SyncBatchNorm`: statistics over every process of a torch.distributed group.
 * :func:`batch_norm`: ``torch.nn.functional.batch_norm`` with ``backend=``.
 * :func:`convert` / :func:`revert`; :mod:`bnlab.torch.models`.
 
@@ -19,6 +20,7 @@ from . import models
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert, revert
 from .functional import BACKENDS, batch_norm
+from .sync import SyncBatchNorm
 
-__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert",
-           "models", "revert"]
+__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+           "batch_norm", "convert", "models", "revert"]

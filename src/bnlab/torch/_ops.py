@@ -318,6 +318,43 @@ batch_norm_train, batch_norm_eval, batch_norm_backward, update_running_stats = N
 # implementations through these Functions (or directly, when no gradient is needed).
 
 
+# --- pieces for SyncBatchNorm: local reductions and the elementwise pass from given sums --
+
+
+def moments_impl(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch mean and biased var, float64 (C,)."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    mean, var = _numba().moments(xv, axis, threads=_threads())
+    return torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def grad_sums_impl(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]:
+    """``sum(dy)`` and ``sum(dy * (x - mean))``, float64 (C,)."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
+    s, p = _numba().grad_sums(dyv, xv, _vec(mean), axis, threads=_threads())
+    return torch.from_numpy(s), torch.from_numpy(p)
+
+
+def dx_from_sums_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
+                      weight: Optional[Tensor], sum_dy: Tensor, sum_dy_xmu: Tensor,
+                      count: int) -> Tensor:
+    """dx (batch statistics) from sums over ``count`` values per channel."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
+    dx, dxv = _output(x, fmt)
+    _numba().dx_from_sums(dyv, xv, _vec(mean), _vec(inv_std), _vec(weight), _vec(sum_dy),
+                          _vec(sum_dy_xmu), count, axis, out=dxv, threads=_threads())
+    return dx
+
+
+def _triton_method(name):
+    return lambda *args: getattr(_triton(), name)(*args)
+
+
 class Engine(NamedTuple):
     """One kernel family's implementations, for the eager Functions and the modules."""
 
@@ -325,6 +362,10 @@ class Engine(NamedTuple):
     eval: object
     backward: object
     ops: Ops
+    update: object  # (running_mean, running_var, nbt, mean, var, count, momentum)
+    moments: object  # x -> mean, var
+    grad_sums: object  # (dy, x, mean) -> sum(dy), sum(dy * (x - mean))
+    dx_from_sums: object  # (dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count) -> dx
 
 
 def _numba_train(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum):
@@ -341,8 +382,11 @@ def _triton_train(x, weight, bias, eps, running_mean, running_var, nbt, count, m
                                    momentum)  # the update in the same launch
 
 
-ENGINES = {"numba": Engine(_numba_train, eval_impl, backward_impl, NUMBA_OPS),
-           "triton": Engine(_triton_train, triton_eval_impl, triton_backward_impl, TRITON_OPS)}
+ENGINES = {"numba": Engine(_numba_train, eval_impl, backward_impl, NUMBA_OPS, update_impl,
+                           moments_impl, grad_sums_impl, dx_from_sums_impl),
+           "triton": Engine(_triton_train, triton_eval_impl, triton_backward_impl, TRITON_OPS,
+                            triton_update_impl, _triton_method("moments"),
+                            _triton_method("grad_sums"), _triton_method("dx_from_sums"))}
 
 
 class TrainFunction(torch.autograd.Function):

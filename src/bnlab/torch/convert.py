@@ -11,10 +11,13 @@ from __future__ import annotations
 import torch
 
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm
 
 _TO_BNLAB = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-             torch.nn.BatchNorm3d: BatchNorm3d}
+             torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.SyncBatchNorm: SyncBatchNorm}
 _TO_TORCH = {v: k for k, v in _TO_BNLAB.items()}
+# sync=True: every BN layer, torch's or bnlab's, becomes bnlab's SyncBatchNorm
+_TO_SYNC = {cls: SyncBatchNorm for cls in (*_TO_BNLAB, BatchNorm1d, BatchNorm2d, BatchNorm3d)}
 
 
 def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
@@ -27,10 +30,13 @@ def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return new
 
 
-def _swap(module: torch.nn.Module, table: dict) -> torch.nn.Module:
+def _swap(module: torch.nn.Module, table: dict, process_group=None) -> torch.nn.Module:
     out = _retyped(module, table[type(module)]) if type(module) in table else module
+    if isinstance(out, (SyncBatchNorm, torch.nn.SyncBatchNorm)) and (
+            process_group is not None or "process_group" not in out.__dict__):
+        out.process_group = process_group
     for name, child in list(out.named_children()):
-        new = _swap(child, table)
+        new = _swap(child, table, process_group)
         if new is not child:
             setattr(out, name, new)
     return out
@@ -41,10 +47,11 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None) -> 
 
     Args:
         module: any torch model (nested Sequentials, residual blocks, a BN at the root).
-        sync: convert to bnlab's ``SyncBatchNorm`` instead. Not available yet: bnlab has no
-            SyncBatchNorm so far, and ``sync=True`` (or a ``torch.nn.SyncBatchNorm`` in the
-            model) is a NotImplementedError rather than a silent non-synced model.
-        process_group: for ``sync=True``.
+        sync: convert every BN layer (torch's or bnlab's) to bnlab's
+            :class:`~bnlab.torch.SyncBatchNorm` instead: statistics over all processes. A
+            ``torch.nn.SyncBatchNorm`` becomes bnlab's ``SyncBatchNorm`` either way.
+        process_group: the group SyncBatchNorm layers synchronize over (None: the default
+            group, or what a converted ``torch.nn.SyncBatchNorm`` had).
 
     Returns:
         ``module``, or the new root if the root itself was a BN layer (as
@@ -52,15 +59,12 @@ def convert(module: torch.nn.Module, sync: bool = False, process_group=None) -> 
 
     Example:
         >>> model = bnlab.torch.convert(model)   # optimizer, state dict, mode: unchanged
+        >>> model = bnlab.torch.convert(model, sync=True)   # before DistributedDataParallel
     """
-    del process_group
-    if sync or any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()):
-        raise NotImplementedError(
-            "bnlab has no SyncBatchNorm yet: convert(sync=True) and models holding "
-            "torch.nn.SyncBatchNorm cannot be converted; use sync=False on a model without it")
-    return _swap(module, _TO_BNLAB)
+    return _swap(module, _TO_SYNC if sync else _TO_BNLAB, process_group)
 
 
 def revert(module: torch.nn.Module) -> torch.nn.Module:
-    """The inverse of :func:`convert`: torch's own BN classes back, same tensors."""
+    """The inverse of :func:`convert`: torch's own BN classes back, same tensors (bnlab's
+    ``SyncBatchNorm`` becomes ``torch.nn.SyncBatchNorm``)."""
     return _swap(module, _TO_TORCH)
