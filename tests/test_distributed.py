@@ -228,3 +228,93 @@ def test_convert_sync_and_revert():
     back = bt.revert(model)
     assert isinstance(back[1], torch.nn.SyncBatchNorm) and back[1].process_group == "group"
     assert isinstance(bt.convert(torch.nn.SyncBatchNorm(2)), bt.SyncBatchNorm)
+
+
+# --- bnlab train --engine torch -------------------------------------------------------------
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+TRAIN = ["train", "--engine", "torch", "--dataset", "digits", "--batch-size", "33", "--steps",
+         "24", "--eval-every", "12", "--no-progress"]
+
+
+def _bnlab(*args, timeout=DEADLINE, **kwargs):
+    return subprocess.run([sys.executable, "-m", "bnlab.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def test_train_nproc_2_reproduces_nproc_1(tmp_path):
+    """Same seed: 2 processes (slices of 16 and 17) with SyncBN and DDP reach the one-process
+    run's numbers, and rank 0 writes the NumPy engine's run folder."""
+    runs = {}
+    for n in (1, 2):
+        out = _bnlab(*TRAIN, "--nproc", str(n), "--out", str(tmp_path / f"n{n}"))
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs[n] = json.loads((tmp_path / f"n{n}" / "results.json").read_text())
+        for name in ("learning_curves.png", "report.md", "checkpoint.npz"):
+            assert (tmp_path / f"n{n}" / name).stat().st_size > 0
+    assert runs[1]["world_size"] == 1 and runs[2]["world_size"] == 2
+    one, two = runs[1]["runs"]["bn"], runs[2]["runs"]["bn"]
+    assert one["eval_step"] == two["eval_step"] == [12, 24]
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=1e-9)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+
+def test_train_under_torchrun(tmp_path):
+    """The same entry point as torchrun's ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                          "--master-port", str(distributed.free_port()), "-m", "bnlab.cli",
+                          *TRAIN, "--out", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=DEADLINE)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2
+
+
+def _children(pid):
+    """The worker processes started by ``pid`` (not multiprocessing's resource tracker)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_stops_every_worker(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "bnlab.cli", *TRAIN[:-5], "--steps",
+                             "100000", "--nproc", "2", "--no-progress", "--out",
+                             str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)  # the workers are training
+        workers = _children(proc.pid)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    deadline = time.monotonic() + 5  # the kernel may take a moment to reap them
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers)

@@ -68,6 +68,16 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "tests/test_triton.py -k split"),
     ("triton: NaN batch updates the running statistics", "src/bnlab/kernels/triton_bn.py",
      "other=0)) == 0\n", "other=0)) >= 0\n", "tests/test_triton.py -k nonfinite"),
+    ("sync BN: backward sums not all-reduced", "src/bnlab/torch/sync.py",
+     "        dist.all_reduce(sums, group=ctx.group)\n", "",
+     "tests/test_distributed.py -k whole_batch"),
+    ("sync BN: running variance unbiased with the local count", "src/bnlab/torch/sync.py",
+     "engine.update(running_mean, running_var, nbt, mean, var, n, momentum)",
+     "engine.update(running_mean, running_var, nbt, mean, var, max(n_local, 2), momentum)",
+     "tests/test_distributed.py -k whole_batch"),
+    ("torch training: per-rank mean loss (DDP then averages unequal means)",
+     "src/bnlab/experiments/torch_train.py", "(loss_sum * (world / B)).backward()",
+     "(loss_sum / (hi - lo)).backward()", "tests/test_distributed.py -k nproc_2"),
 ]
 
 

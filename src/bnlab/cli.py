@@ -68,12 +68,21 @@ def _cmd_steps(args) -> int:
 def _cmd_train(args) -> int:
     from .experiments import single
 
+    if args.engine == "numpy" and (args.device != "cpu" or args.nproc != 1):
+        raise ValueError("--device and --nproc need --engine torch (the NumPy engine runs in "
+                         "one process on the CPU)")
     config = single.TrainConfig(
         model=args.model, bn=not args.no_bn, activation=args.activation,
         weight_std=args.weight_std, dataset=args.dataset, epochs=args.epochs, steps=args.steps,
         lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
         momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed,
         eval_every=args.eval_every)
+    if args.engine == "torch":
+        from .experiments import torch_train
+
+        torch_train.run(config, out=args.out, device=args.device, nproc=args.nproc,
+                        init_from=args.init_from, progress=not args.no_progress)
+        return 0
     single.run(config, out=args.out, init_from=args.init_from, progress=not args.no_progress)
     return 0
 
@@ -278,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (default 0)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from the weights of a checkpoint.npz of the same model")
+    p.add_argument("--engine", choices=["numpy", "torch"], default="numpy",
+                   help="numpy: bnlab's own stack (default); torch: the same model in PyTorch "
+                        "with bnlab's BN (needs bnlab[torch])")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="--engine torch: where to train (default cpu)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="--engine torch: data-parallel processes on this machine, with "
+                        "synchronized BN (default 1; under torchrun, torchrun's count)")
     _add_training_options(p, TrainConfig())
     p.set_defaults(func=_cmd_train)
     return parser
@@ -291,6 +308,9 @@ def main(argv=None) -> int:
         # bnlab's own errors say what was expected and what came; show them without a traceback
         print(f"bnlab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: workers (if any) were stopped on the way out
+        print(f"bnlab {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def _cf_sums(x):
     return S, Q, shift
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM)  # calls the parallel passes
 def _cf_forward(x, gamma, beta, eps, out):
     S, Q, shift = _cf_sums(x)
     mean, var, inv_std = _combine(S, Q, shift, x.shape[0] * x.shape[2], eps)
@@ -111,7 +111,7 @@ def _cf_forward(x, gamma, beta, eps, out):
     return mean, var, inv_std
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM)  # calls the parallel passes
 def _cf_moments(x):
     S, Q, shift = _cf_sums(x)
     mean, var, _ = _combine(S, Q, shift, x.shape[0] * x.shape[2], 1.0)
@@ -151,7 +151,7 @@ def _cf_grad_sums(x, dy, mean):
     return S.sum(axis=0), P.sum(axis=0)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM)  # calls the parallel passes
 def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out):
     dbeta, p = _cf_grad_sums(x, dy, mean)
     dgamma = p * inv_std
@@ -217,7 +217,7 @@ def _cl_sums(x, rb, cb):
     return S, Q, shift
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM)  # calls the parallel passes
 def _cl_forward(x, gamma, beta, eps, out, rb, cb):
     S, Q, shift = _cl_sums(x, rb, cb)
     mean, var, inv_std = _combine(S, Q, shift, x.shape[0], eps)
@@ -225,7 +225,7 @@ def _cl_forward(x, gamma, beta, eps, out, rb, cb):
     return mean, var, inv_std
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM)  # calls the parallel passes
 def _cl_moments(x, rb, cb):
     S, Q, shift = _cl_sums(x, rb, cb)
     mean, var, _ = _combine(S, Q, shift, x.shape[0], 1.0)
@@ -277,7 +277,7 @@ def _cl_grad_sums(x, dy, mean, rb, cb):
     return S.sum(axis=0), P.sum(axis=0)
 
 
-@njit(parallel=True, cache=True, fastmath=_FM)
+@njit(cache=True, fastmath=_FM)  # calls the parallel passes
 def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
     dbeta, p = _cl_grad_sums(x, dy, mean, rb, cb)
     dgamma = p * inv_std

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -68,8 +70,33 @@ def _entry(rank, fn, world_size, addr, port, backend, timeout, threads, args):
     init(rank, world_size, addr, port, backend, timeout)
     try:
         fn(rank, world_size, *args)
+        # what fn built (DDP's reducer, its hooks) goes before the group does, and nobody
+        # leaves while a peer still talks: gloo aborts a process whose threads outlive it
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+@contextmanager
+def _worker_environment(threads: int | None):
+    """Thread counts for the spawned workers, set in the environment they inherit: numba's
+    pool (read when numba starts) and OpenMP's. With 2 workers on 2 cores, numba's default
+    pool of one thread per core made each worker's BN wait for the other's threads: a torch
+    seed-CNN forward took 14 ms instead of 5 (measured with tools/scaling.py's worker)."""
+    if threads is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    os.environ.update(NUMBA_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def launch(fn, nproc: int, args=(), backend: str = "gloo", timeout: float = DEFAULT_TIMEOUT,
@@ -80,16 +107,18 @@ def launch(fn, nproc: int, args=(), backend: str = "gloo", timeout: float = DEFA
     ``fn`` must be importable by name (a module-level function). ``timeout``: the process
     group's, for every collective. ``deadline``: seconds for the whole job (None: no
     limit), after which every worker is stopped and TimeoutError raised. ``threads``:
-    torch's intra-op threads per worker (None: torch's default).
+    threads per worker for torch, numba and OpenMP (None: their defaults, one per core
+    each: oversubscribed when several workers share the cores).
 
     Raises :class:`WorkerFailed` naming the first rank that raised or died.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     port = free_port(addr)
-    context = mp.start_processes(_entry, args=(fn, nproc, addr, port, backend, timeout,
-                                               threads, args),
-                                 nprocs=nproc, join=False, start_method="spawn")
+    with _worker_environment(threads):
+        context = mp.start_processes(_entry, args=(fn, nproc, addr, port, backend, timeout,
+                                                   threads, args),
+                                     nprocs=nproc, join=False, start_method="spawn")
     start = time.monotonic()
     try:
         while not context.join(timeout=0.5):
