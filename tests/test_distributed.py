@@ -181,14 +181,19 @@ def test_process_group_subgroups_are_honoured(tmp_path):
     close(got[1]["y"], alone(x[4:8]).detach())
 
 
-def _mismatch_worker(rank, world):
-    bn = bt.SyncBatchNorm(3 + rank)
-    bn(torch.randn(4, 3 + rank, 2, 2))
+def _mismatch_worker(rank, world, what):
+    C = 3 + rank if what == "channels" else 3
+    dtype = torch.float64 if what == "dtype" and rank == 1 else torch.float32
+    bn = bt.SyncBatchNorm(C, dtype=dtype)
+    bn(torch.randn(4, C, 2, 2, dtype=dtype))
 
 
-def test_mismatched_channels_across_ranks_name_the_rank():
-    with pytest.raises(distributed.WorkerFailed, match=r"rank 1: 4-D input, 4 channels"):
-        distributed.launch(_mismatch_worker, 2, deadline=DEADLINE)
+@pytest.mark.parametrize("what,message", [
+    ("channels", r"rank 1: 4-D input, 4 channels, float32 \(ranks \[1\] differ"),
+    ("dtype", r"rank 1: 4-D input, 3 channels, float64 \(ranks \[1\] differ")])
+def test_mismatched_ranks_are_an_error_naming_the_rank(what, message):
+    with pytest.raises(distributed.WorkerFailed, match=message):
+        distributed.launch(_mismatch_worker, 2, args=(what,), deadline=DEADLINE)
 
 
 def _dying_worker(rank, world):

@@ -9,7 +9,9 @@ but no network, no mlxtend, matplotlib or pooch):
    benchmark-sized ones last), each against bnlab's float64 NumPy reference and torch's
    own running statistics, with a bitwise determinism check;
 2. ``bnlab bench --device cuda`` (:mod:`bnlab.bench_gpu`): bnlab against torch's native
-   kernels and a device copy, in copy-times and ratios.
+   kernels and a device copy, in copy-times and ratios;
+3. SyncBatchNorm on the GPU in 2 processes (gloo, sharing the one GPU) against torch's BN
+   over the whole batch, and a short ``bnlab train --engine torch --device cuda``.
 
 Everything goes to ``OUT/gpu_check.json`` after every step (a timeout still leaves what
 was measured), the benchmark also to ``OUT/bench-gpu.json`` (the format of
@@ -35,12 +37,71 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
+class _Skipped(Exception):
+    pass
+
+
+def _sync_worker(rank, world, out_dir, device):
+    """SyncBatchNorm (the Triton engine on CUDA) over 2 processes sharing one GPU (gloo)."""
+    import torch
+
+    import bnlab.torch as bt
+
+    g = torch.Generator().manual_seed(0)
+    x = (3 + 2 * torch.randn(12, 8, 9, 9, generator=g)).to(device)
+    dy = torch.randn(12, 8, 9, 9, generator=g).to(device)
+    bn = bt.SyncBatchNorm(8).to(device)
+    lo, hi = (0, 5) if rank == 0 else (5, 12)
+    xs = x[lo:hi].clone().requires_grad_()
+    y = bn(xs)
+    y.backward(dy[lo:hi])
+    torch.save({k: v.cpu() for k, v in dict(y=y.detach(), dx=xs.grad, dw=bn.weight.grad,
+                                            rm=bn.running_mean).items()},
+               Path(out_dir) / f"sync{rank}.pt")
+
+
+def check_distributed(device: str, out: Path) -> dict:
+    """SyncBatchNorm on ``device`` in 2 processes against torch's BN over the whole batch,
+    and a short ``bnlab train --engine torch`` run on ``device``."""
+    import subprocess
+
+    import torch
+
+    from bnlab.torch import distributed
+
+    distributed.launch(_sync_worker, 2, args=(str(out), device), deadline=120)
+    g = torch.Generator().manual_seed(0)
+    x = (3 + 2 * torch.randn(12, 8, 9, 9, generator=g)).to(device).requires_grad_()
+    dy = torch.randn(12, 8, 9, 9, generator=g).to(device)
+    ref = torch.nn.BatchNorm2d(8).to(device)
+    y = ref(x)
+    y.backward(dy)
+    got = [torch.load(out / f"sync{r}.pt") for r in range(2)]
+
+    def err(a, b):
+        return float((a - b.detach().cpu()).abs().max() / b.detach().abs().max().clamp_min(1e-30))
+
+    errors = {"y": err(torch.cat([g_["y"] for g_ in got]), y),
+              "dx": err(torch.cat([g_["dx"] for g_ in got]), x.grad),
+              "dweight": err(got[0]["dw"] + got[1]["dw"], ref.weight.grad),
+              "running_mean": max(err(g_["rm"], ref.running_mean) for g_ in got)}
+    run = subprocess.run([sys.executable, "-m", "bnlab.cli", "train", "--engine", "torch",
+                          "--device", device, "--dataset", "digits", "--steps", "30",
+                          "--no-progress", "--out", str(out / "train-run")],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return {"sync_errors": errors, "sync_ok": all(v < 1e-4 for v in errors.values()),
+            "train_returncode": run.returncode, "train_output": (run.stdout + run.stderr)[-1500:]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"))
     p.add_argument("--budget", type=float, default=270.0, help="seconds (default 270)")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench time per candidate")
+    p.add_argument("--skip-distributed", action="store_true",
+                   help="skip the 2-process SyncBatchNorm and training checks")
     args = p.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)
@@ -98,6 +159,21 @@ def main(argv=None) -> int:
         report["errors"].append({"case": "bench", "error": traceback.format_exc()})
         print(report["errors"][-1]["error"], flush=True)
     report["phases"]["bench"] = round(time.perf_counter() - t, 1)
+    save()
+
+    t = time.perf_counter()
+    try:
+        if args.skip_distributed:
+            raise _Skipped
+        report["distributed"] = check_distributed(args.device, out)
+        print(f"distributed: {json.dumps(report['distributed'])[:600]}", flush=True)
+        if not report["distributed"]["sync_ok"] or report["distributed"]["train_returncode"]:
+            report["errors"].append({"case": "distributed", "error": "see 'distributed'"})
+    except _Skipped:
+        report["skipped"].append("distributed")
+    except Exception:  # noqa: BLE001
+        report["errors"].append({"case": "distributed", "error": traceback.format_exc()})
+    report["phases"]["distributed"] = round(time.perf_counter() - t, 1)
     save()
 
     if args.device == "cuda":

@@ -41,6 +41,12 @@ class History:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def record_eval(self, step: int, ev: dict) -> None:
+        """Append one evaluation (``{"loss", "accuracy"}`` on the test split) at ``step``."""
+        self.eval_step.append(step)
+        self.test_loss.append(ev["loss"])
+        self.test_accuracy.append(ev["accuracy"])
+
     def steps_to_reach(self, accuracy: float) -> int | None:
         """First evaluated step whose test accuracy is >= ``accuracy`` (None if never)."""
         for s, a in zip(self.eval_step, self.test_accuracy):
@@ -154,17 +160,12 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int = 1, steps: int | None =
                 callback(step, model)
             if step % eval_every == 0 or step == total:
                 ev = evaluate(model, data)
-                hist.eval_step.append(step)
-                hist.test_loss.append(ev["loss"])
-                hist.test_accuracy.append(ev["accuracy"])
+                hist.record_eval(step, ev)
                 bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
             bar.update(1)
     bar.close()
     if hist.diverged:  # record where it ended: a diverged net scores as it stands
-        ev = evaluate(model, data)
-        hist.eval_step.append(hist.step[-1])
-        hist.test_loss.append(ev["loss"])
-        hist.test_accuracy.append(ev["accuracy"])
+        hist.record_eval(hist.step[-1], evaluate(model, data))
     hist.seconds = time.perf_counter() - start
     return hist
 

@@ -188,9 +188,7 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
             break
         if rank == 0 and (step % eval_every == 0 or step == total):
             ev = _evaluate(net, *data.test, device)
-            hist.eval_step.append(step)
-            hist.test_loss.append(ev["loss"])
-            hist.test_accuracy.append(ev["accuracy"])
+            hist.record_eval(step, ev)
             bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
         bar.update(1)
     bar.close()
@@ -208,10 +206,7 @@ def _write_run(rank, world, config, folder, device, data, ref, net, hist) -> dic
     if rank != 0:
         return {}
     if hist.diverged:
-        ev = _evaluate(net, *data.test, device)
-        hist.eval_step.append(hist.step[-1])
-        hist.test_loss.append(ev["loss"])
-        hist.test_accuracy.append(ev["accuracy"])
+        hist.record_eval(hist.step[-1], _evaluate(net, *data.test, device))
     folder = Path(folder)
     name = "bn" if config.bn else "plain"
     results = {"experiment": "train", "engine": "torch", "device": device, "world_size": world,

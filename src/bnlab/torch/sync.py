@@ -53,7 +53,7 @@ def _check_ranks(x: torch.Tensor, group) -> None:
                         device=x.device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    names = {v: k for k, v in _DTYPE_CODES.items()}
+    names = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
     ref = every[0].tolist()
     bad = [r for r, t in enumerate(every) if t.tolist() != ref]
     if bad:
