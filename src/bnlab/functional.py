@@ -505,6 +505,77 @@ def update_running_stats(running_mean, running_var, mean, var, m: int, momentum:
         running_var += momentum * unbiased.astype(running_var.dtype, copy=False)
 
 
+def fold_batchnorm_params(weight, bias, running_mean, running_var, gamma, beta, eps: float):
+    """The weight and bias of a layer ``z = W x + b`` (Linear, or a convolution with output
+    channels on W's axis 0) followed by evaluation-mode BN, as one layer:
+
+        s = gamma / sqrt(running_var + eps)          (C,)
+        W' = W * s  (along W's axis 0),   b' = (b - running_mean) * s + beta
+
+    ``bias``, ``gamma``, ``beta`` may be None (0, 1, 0). Computed in float64, returned in
+    W's dtype.
+    """
+    dt = np.asarray(weight).dtype
+    var = np.asarray(running_var, np.float64)
+    s = (1.0 if gamma is None else np.asarray(gamma, np.float64)) / np.sqrt(var + eps)
+    s = np.broadcast_to(s, var.shape)
+    w = np.asarray(weight, np.float64) * s.reshape((-1,) + (1,) * (np.ndim(weight) - 1))
+    b = 0.0 if bias is None else np.asarray(bias, np.float64)
+    b = (b - np.asarray(running_mean, np.float64)) * s + (0.0 if beta is None else
+                                                          np.asarray(beta, np.float64))
+    return w.astype(dt), b.astype(dt)
+
+
+def check_virtual_batch_size(v) -> int:
+    """``v`` as an int, or a ValueError: a virtual batch size is a positive integer."""
+    if isinstance(v, bool) or int(v) != v or v < 1:
+        raise ValueError(f"virtual_batch_size must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def ghost_batch_norm_forward(x, gamma, beta, eps: float = 1e-5, virtual_batch_size: int = 32,
+                             axis: int = 1, backend: str = "auto"):
+    """Ghost batch normalization (Hoffer et al. 2017; Keras's ``virtual_batch_size``): the
+    batch is cut along axis 0 into virtual batches ``[k*v, (k+1)*v)`` of ``v`` samples,
+    each normalized by :func:`batch_norm_forward` with its own statistics.
+
+    Returns ``(y, caches)``: y like x, one :class:`BNCache` per virtual batch. A batch size
+    that is not a multiple of ``v`` is a ValueError naming both numbers.
+    """
+    x = np.asarray(x)
+    v = check_virtual_batch_size(virtual_batch_size)
+    if x.ndim < 2 or x.shape[0] % v:
+        raise ValueError(f"the batch size must be a multiple of virtual_batch_size={v}, got a "
+                         f"batch of {x.shape[0] if x.ndim else 0} (input shape {x.shape})")
+    ys, caches = [], []
+    for k in range(x.shape[0] // v):
+        y, cache = batch_norm_forward(x[k * v:(k + 1) * v], gamma, beta, eps, axis, backend)
+        ys.append(y)
+        caches.append(cache)
+    return np.concatenate(ys), caches
+
+
+def ghost_batch_norm_backward(dy, caches, backend: str = "auto"):
+    """dx, dgamma, dbeta of :func:`ghost_batch_norm_forward`: each virtual batch's
+    :func:`batch_norm_backward`, parameter gradients summed."""
+    dy = np.asarray(dy)
+    v = caches[0].x.shape[0]
+    if dy.shape[0] != v * len(caches):
+        raise ValueError(f"dy has {dy.shape[0]} samples, expected {v * len(caches)}")
+    parts = [batch_norm_backward(dy[k * v:(k + 1) * v], c, backend) for k, c in enumerate(caches)]
+    return (np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts),
+            sum(p[2] for p in parts))
+
+
+def ghost_statistics(caches):
+    """The running-statistics update's inputs for ghost BN: the average of the virtual
+    batches' means and (biased) variances, and the count per virtual batch. With
+    :func:`update_running_stats` that averages the unbiased variances (equal counts)."""
+    mean = np.mean([c.mean for c in caches], axis=0)
+    var = np.mean([c.var for c in caches], axis=0)
+    return mean, var, caches[0].x.size // caches[0].mean.size
+
+
 def batch_norm(
     x,
     running_mean,

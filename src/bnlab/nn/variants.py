@@ -1,0 +1,230 @@
+"""The BN family for bnlab models: ghost batches, frozen BN, folding, recalibration.
+
+Bookkeeping around :mod:`bnlab.functional` (the math: ``ghost_batch_norm_forward``,
+``batch_norm_inference``, ``fold_batchnorm_params``), as :mod:`bnlab.nn.batchnorm` is.
+The same names exist for torch models in :mod:`bnlab.torch` (contract: "Variants" in
+shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from .. import functional as F
+from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
+from .layers import Conv2d, Linear, Sequential
+from .module import Module, Parameter
+
+
+class _Ghost:
+    """Mixin: training normalizes each virtual batch of ``virtual_batch_size`` samples with
+    its own statistics (:func:`bnlab.functional.ghost_batch_norm_forward`); the running
+    statistics are updated once per call with the average of the virtual batches' means
+    and unbiased variances. Evaluation uses the running statistics (any batch size)."""
+
+    def forward(self, x):
+        if not (self.training or self.running_mean is None):
+            return super().forward(x)
+        x = np.asarray(x)
+        self._check_input(x)
+        gamma = None if self.weight is None else self.weight.data
+        beta = None if self.bias is None else self.bias.data
+        y, caches = F.ghost_batch_norm_forward(x, gamma, beta, self.eps,
+                                               self.virtual_batch_size, self.axis)
+        if self.training and self.running_mean is not None:
+            self.num_batches_tracked += 1
+            momentum = (1.0 / self.num_batches_tracked if self.momentum is None
+                        else self.momentum)
+            mean, var, m = F.ghost_statistics(caches)
+            F.update_running_stats(self.running_mean, self.running_var, mean, var, m, momentum)
+        self._cache = caches
+        return y
+
+    def backward(self, dy):
+        if not isinstance(self._cache, list):
+            return super().backward(dy)
+        dx, dgamma, dbeta = F.ghost_batch_norm_backward(dy, self._cache)
+        if self.weight is not None:
+            self.weight.grad += dgamma.astype(self.weight.grad.dtype, copy=False)
+            self.bias.grad += dbeta.astype(self.bias.grad.dtype, copy=False)
+        return dx
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_Ghost, BatchNorm1d):
+    """Ghost BN over (N, C) or (N, C, L) input; N must be a multiple of
+    ``virtual_batch_size`` in training. Arguments as :class:`BatchNorm1d`.
+
+    Example:
+        >>> bn = GhostBatchNorm1d(100, virtual_batch_size=16)
+        >>> y = bn(np.random.randn(64, 100).astype(np.float32))
+    """
+
+    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
+                 affine=True, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, True, dtype)
+        self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
+
+
+class GhostBatchNorm2d(_Ghost, BatchNorm2d):
+    """Ghost BN over (N, C, H, W) input (or NHWC); N must be a multiple of
+    ``virtual_batch_size`` in training. Arguments as :class:`BatchNorm2d`."""
+
+    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
+                 affine=True, dtype=np.float32, data_format: str = "NCHW"):
+        super().__init__(num_features, eps, momentum, affine, True, dtype, data_format)
+        self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
+
+
+class FrozenBatchNorm2d(Module):
+    """BN with fixed statistics and parameters (torchvision's ``FrozenBatchNorm2d``):
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` are buffers, nothing learns, and
+
+        y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+
+    in training and evaluation alike (:func:`bnlab.functional.batch_norm_inference`; any
+    input rank >= 2, channels on ``axis``). ``load_state_dict`` takes a BatchNorm state dict;
+    ``num_batches_tracked`` is accepted and ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, dtype=np.float32, axis: int = 1):
+        super().__init__()
+        C = int(num_features)
+        self.num_features, self.eps, self.axis = C, float(eps), axis
+        self.register_buffer("weight", np.ones(C, dtype))
+        self.register_buffer("bias", np.zeros(C, dtype))
+        self.register_buffer("running_mean", np.zeros(C, dtype))
+        self.register_buffer("running_var", np.ones(C, dtype))
+        self._cache = None
+
+    def forward(self, x):
+        y, self._cache = F.batch_norm_inference(x, self.running_mean, self.running_var,
+                                                self.weight, self.bias, self.eps, self.axis)
+        return y
+
+    def backward(self, dy):
+        if self._cache is None:
+            raise RuntimeError("backward called before forward")
+        return F.batch_norm_backward(dy, self._cache)[0]  # x only: nothing learns
+
+    def load_state_dict(self, state_dict) -> None:
+        state = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+        super().load_state_dict(state)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _replace_children(module: Module, convert) -> None:
+    """Replace every child ``c`` with ``convert(c)`` (None: keep), in place, keeping order."""
+    for name, child in list(module._modules.items()):
+        new = convert(child)
+        if new is None:
+            _replace_children(child, convert)
+        else:
+            module._modules[name] = new
+            object.__setattr__(module, name, new)
+
+
+def freeze(module: Module) -> Module:
+    """Replace every BatchNorm1d/2d in ``module`` (in place) by a :class:`FrozenBatchNorm2d`
+    holding copies of its parameters and running statistics; returns the module (the new
+    one if ``module`` itself is a BN layer)."""
+    def frozen(bn):
+        if not isinstance(bn, _BatchNorm):
+            return None
+        if bn.running_mean is None:
+            raise ValueError(f"cannot freeze {bn!r}: it has no running statistics "
+                             "(track_running_stats=False)")
+        new = FrozenBatchNorm2d(bn.num_features, bn.eps, bn.running_mean.dtype, bn.axis)
+        for name in ("running_mean", "running_var"):
+            getattr(new, name)[...] = getattr(bn, name)
+        if bn.weight is not None:
+            new.weight[...] = bn.weight.data
+            new.bias[...] = bn.bias.data
+        return new
+
+    root = frozen(module)
+    if root is not None:
+        return root
+    _replace_children(module, frozen)
+    return module
+
+
+def recalibrate(model: Module, batches) -> Module:
+    """Precise BN (torch's ``swa_utils.update_bn``): reset every BN layer's running
+    statistics and recompute them as the exact average over ``batches`` (an iterable of
+    inputs, or of (input, target) pairs), then restore each layer's momentum and the
+    model's train/eval mode. The running variance is the average of the batches' unbiased
+    variances. Returns the model."""
+    bns = [m for _, m in model.named_modules() if isinstance(m, _BatchNorm)
+           and m.running_mean is not None]
+    if not bns:
+        return model
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    for bn in bns:
+        bn.running_mean[...] = 0
+        bn.running_var[...] = 1
+        bn.num_batches_tracked = 0
+        bn.momentum = None  # cumulative average: 1 / n for the n-th batch
+    model.train()
+    try:
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return model
+
+
+def fold_batchnorm(module: Module, strict: bool = False) -> Module:
+    """An evaluation-mode copy of ``module`` (the original is untouched) in which every BN
+    directly after a ``Conv2d`` or ``Linear`` in a Sequential is folded into that layer's
+    weight and bias (:func:`bnlab.functional.fold_batchnorm_params`) and removed. Outputs
+    equal the unfolded model's in evaluation mode.
+
+    A BN after anything else stays as it is; with ``strict=True`` it is a ValueError naming
+    it. (bnlab's models are Sequentials; for torch models with residual blocks see
+    :func:`bnlab.torch.fold_batchnorm`.)
+    """
+    model = copy.deepcopy(module).eval()
+    for prefix, seq in list(model.named_modules()):
+        if not isinstance(seq, Sequential):
+            continue
+        layers, names = list(seq._modules.values()), list(seq._modules)
+        keep = []
+        for i, layer in enumerate(layers):
+            prev = keep[-1] if keep else None
+            foldable = (isinstance(layer, _BatchNorm) and layer.running_mean is not None
+                        and layer.axis == 1 and isinstance(prev, (Conv2d, Linear))
+                        and prev.weight.shape[0] == layer.num_features)
+            if foldable:
+                w, b = F.fold_batchnorm_params(
+                    prev.weight.data, None if prev.bias is None else prev.bias.data,
+                    layer.running_mean, layer.running_var,
+                    None if layer.weight is None else layer.weight.data,
+                    None if layer.bias is None else layer.bias.data, layer.eps)
+                prev.weight.data = w
+                if prev.bias is None:
+                    prev.bias = Parameter(b)
+                else:
+                    prev.bias.data = b
+                continue
+            if isinstance(layer, _BatchNorm) and strict:
+                where = f"{prefix}.{names[i]}" if prefix else names[i]
+                raise ValueError(f"fold_batchnorm(strict=True): the BN layer {where!r} does "
+                                 f"not directly follow a Conv2d or Linear layer")
+            keep.append(layer)
+        if len(keep) != len(layers):
+            for name in names:
+                del seq._modules[name]
+                object.__delattr__(seq, name)
+            for i, layer in enumerate(keep):
+                setattr(seq, str(i), layer)
+    return model

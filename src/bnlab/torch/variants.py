@@ -1,0 +1,254 @@
+"""The BN family for torch models: ghost batches, frozen BN, folding, recalibration.
+
+Bookkeeping and dispatch around bnlab's kernels (:mod:`bnlab.torch._ops`) and formulas
+(:func:`bnlab.functional.fold_batchnorm_params`). The same names exist for bnlab models in
+:mod:`bnlab.nn` (contract: "Variants" in shared/DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+from .. import functional as BF
+from . import _ops
+from . import functional as F
+from .batchnorm import _BatchNorm
+
+
+# --- ghost batches ----------------------------------------------------------------------------
+
+
+def _train_with_stats(x, weight, bias, eps, backend):
+    """y with x's own batch statistics (differentiable in x, weight, bias), and the batch's
+    mean and biased var (no gradient): bnlab's kernels, or torch's function elsewhere."""
+    engine = F.kernel_engine(backend, x, None, None, weight, bias, True)
+    if engine is not None:
+        y, mean, var, _ = _ops.TrainFunction.apply(x, weight, bias, eps, None, None, None,
+                                                   _ops.count_per_channel(x), 0.0,
+                                                   _ops.ENGINES[engine])
+        return y, mean, var
+    y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    dims = [0, *range(2, x.dim())]
+    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+    return y, mean, var
+
+
+class _Ghost:
+    """Mixin: in training, virtual batch k is samples ``[k*v, (k+1)*v)``, normalized with
+    its own statistics; the running statistics are updated once per call with the average
+    of the virtual batches' means and unbiased variances (Keras's ``virtual_batch_size``,
+    up to a permutation of the batch). Evaluation uses the running statistics."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        v = self.virtual_batch_size
+        if input.shape[0] % v:
+            raise ValueError(f"the batch size must be a multiple of virtual_batch_size={v}, "
+                             f"got a batch of {input.shape[0]} (input shape "
+                             f"{tuple(input.shape)})")
+        ys, means, variances = [], [], []
+        for chunk in input.split(v):
+            F._verify_batch_size(chunk)
+            y, mean, var = _train_with_stats(chunk, self.weight, self.bias, self.eps,
+                                             self.backend)
+            ys.append(y)
+            means.append(mean)
+            variances.append(var)
+        if self.track_running_stats:
+            mean = torch.stack(means).mean(0)
+            var = torch.stack(variances).mean(0)
+            m = _ops.count_per_channel(input) // len(ys)
+            engine = _ops.ENGINES["triton" if input.device.type == "cuda" else "numba"]
+            if input.device.type == "cpu":  # numba's update works on float64 NumPy views
+                mean, var = mean.double(), var.double()
+            engine.update(self.running_mean, self.running_var, self.num_batches_tracked,
+                          mean, var, m, self.momentum)
+        return torch.cat(ys)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_Ghost, _BatchNorm, torch.nn.BatchNorm1d):
+    """Ghost BN over (N, C) or (N, C, L); N a multiple of ``virtual_batch_size`` in training.
+    Other arguments and attributes are ``torch.nn.BatchNorm1d``'s."""
+
+    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
+                 affine=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
+
+
+class GhostBatchNorm2d(_Ghost, _BatchNorm, torch.nn.BatchNorm2d):
+    """Ghost BN over (N, C, H, W); N a multiple of ``virtual_batch_size`` in training.
+    Other arguments and attributes are ``torch.nn.BatchNorm2d``'s."""
+
+    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
+                 affine=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
+
+
+# --- frozen BN --------------------------------------------------------------------------------
+
+
+class FrozenBatchNorm2d(torch.nn.Module):
+    """torchvision's ``FrozenBatchNorm2d``: ``weight``, ``bias``, ``running_mean`` and
+    ``running_var`` are buffers, nothing learns, and always (training or not)
+
+        y = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+
+    (bnlab's evaluation-mode kernels; any input rank >= 2). Loads a BatchNorm state dict;
+    ``num_batches_tracked`` is accepted and ignored.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.num_features, self.eps = num_features, eps
+        self.register_buffer("weight", torch.ones(num_features, **kw))
+        self.register_buffer("bias", torch.zeros(num_features, **kw))
+        self.register_buffer("running_mean", torch.zeros(num_features, **kw))
+        self.register_buffer("running_var", torch.ones(num_features, **kw))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _replace(module: torch.nn.Module, convert) -> torch.nn.Module:
+    """``convert(module)`` if it gives a module, else the same for every child (in place,
+    each in its place)."""
+    new = convert(module)
+    if new is not None:
+        return new
+    for name, child in list(module.named_children()):
+        replaced = _replace(child, convert)
+        if replaced is not child:
+            setattr(module, name, replaced)
+    return module
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm1d/2d/3d (torch's, bnlab's, SyncBatchNorm) in ``module`` by a
+    :class:`FrozenBatchNorm2d` with copies of its values, in place; returns the module (the
+    new one if ``module`` itself is a BN layer)."""
+    def frozen(bn):
+        if not isinstance(bn, _TorchBatchNorm):
+            return None
+        if bn.running_mean is None:
+            raise ValueError(f"cannot freeze {bn!r}: it has no running statistics "
+                             "(track_running_stats=False)")
+        new = FrozenBatchNorm2d(bn.num_features, bn.eps, device=bn.running_mean.device,
+                                dtype=bn.running_mean.dtype)
+        with torch.no_grad():
+            new.running_mean.copy_(bn.running_mean)
+            new.running_var.copy_(bn.running_var)
+            if bn.weight is not None:
+                new.weight.copy_(bn.weight)
+                new.bias.copy_(bn.bias)
+        return new
+
+    return _replace(module, frozen)
+
+
+# --- recalibration ----------------------------------------------------------------------------
+
+
+def recalibrate(model: torch.nn.Module, batches) -> torch.nn.Module:
+    """Precise BN, with ``torch.optim.swa_utils.update_bn``'s semantics: reset every BN
+    layer's running statistics and recompute them as the exact average over ``batches``
+    (inputs, or (input, target) pairs; no gradients), then restore each layer's momentum
+    and the model's train/eval mode. Returns the model."""
+    bns = [m for m in model.modules() if isinstance(m, _TorchBatchNorm)
+           and m.track_running_stats]
+    if not bns:
+        return model
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: 1 / n for the n-th batch
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    return model
+
+
+# --- folding ----------------------------------------------------------------------------------
+
+_FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+
+
+def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Module:
+    """An evaluation-mode copy of ``module`` (the original is untouched) in which every BN
+    directly after a ``Conv1d/2d/3d`` or ``Linear`` (whose output nothing else uses) is
+    folded into that layer's weight and bias (:func:`bnlab.functional.fold_batchnorm_params`;
+    torch's ``fuse_conv_bn_eval`` computes the same) and removed. The model is traced with
+    ``torch.fx``, so residual blocks and other graphs work, not only Sequentials; the result
+    is a ``torch.fx.GraphModule`` whose outputs equal the unfolded model's in evaluation.
+
+    A BN that follows anything else stays; with ``strict=True`` it is a ValueError naming
+    it (its qualified name).
+    """
+    import torch.fx
+
+    model = copy.deepcopy(module).eval()
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: say what to do
+        raise ValueError(f"fold_batchnorm traces the model with torch.fx, which failed: {e}; "
+                         "fold the traceable submodules instead") from e
+    mods = dict(traced.named_modules())
+    for node in list(traced.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods[node.target], _TorchBatchNorm):
+            continue
+        bn = mods[node.target]
+        prev = node.args[0] if node.args else None
+        layer = (mods.get(prev.target) if isinstance(prev, torch.fx.Node)
+                 and prev.op == "call_module" else None)
+        if (isinstance(layer, _FOLDABLE) and len(prev.users) == 1 and bn.track_running_stats
+                and layer.weight.shape[0] == bn.num_features):
+            w, b = BF.fold_batchnorm_params(
+                _np(layer.weight), None if layer.bias is None else _np(layer.bias),
+                _np(bn.running_mean), _np(bn.running_var),
+                None if bn.weight is None else _np(bn.weight),
+                None if bn.bias is None else _np(bn.bias), bn.eps)
+            device, dtype = layer.weight.device, layer.weight.dtype
+            layer.weight = torch.nn.Parameter(torch.from_numpy(w).to(device, dtype))
+            layer.bias = torch.nn.Parameter(torch.from_numpy(b).to(device, dtype))
+            node.replace_all_uses_with(prev)
+            traced.graph.erase_node(node)
+            traced.delete_submodule(node.target)
+        elif strict:
+            raise ValueError(f"fold_batchnorm(strict=True): the BN layer {node.target!r} does "
+                             f"not directly follow a Conv or Linear layer whose output only it "
+                             f"uses")
+    traced.graph.lint()
+    traced.recompile()
+    return traced
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()

@@ -1,0 +1,239 @@
+"""The BN family (ghost batches, frozen BN, folding, recalibration) in bnlab.nn and
+bnlab.torch, against torch's and torchvision's definitions in float64."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnlab.torch as bt  # noqa: E402
+from bnlab import functional as F  # noqa: E402
+from bnlab import models, nn  # noqa: E402
+from test_torch import resnetish  # noqa: E402
+
+D = torch.float64
+
+
+def _t(a):
+    return a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+
+
+def close(a, b, tol=1e-10):
+    torch.testing.assert_close(_t(a), _t(b), rtol=tol, atol=tol)
+
+
+def reference_ghost(x, dy, v, weight, bias, rm, rv, momentum=0.1, eps=1e-5):
+    """torch's BatchNorm on each virtual batch (float64 autograd), running statistics
+    updated once with the average of the chunks' means and unbiased variances."""
+    x = torch.as_tensor(x).clone().requires_grad_()
+    w = torch.as_tensor(weight).clone().requires_grad_()
+    b = torch.as_tensor(bias).clone().requires_grad_()
+    ys = [torch.nn.functional.batch_norm(c, None, None, w, b, True, 0.0, eps) for c in x.split(v)]
+    y = torch.cat(ys)
+    y.backward(torch.as_tensor(dy))
+    dims = [0, *range(2, x.dim())]
+    means = torch.stack([c.detach().mean(dims) for c in x.split(v)]).mean(0)
+    uvars = torch.stack([c.detach().var(dims, correction=1) for c in x.split(v)]).mean(0)
+    rm = (1 - momentum) * torch.as_tensor(rm) + momentum * means
+    rv = (1 - momentum) * torch.as_tensor(rv) + momentum * uvars
+    return y.detach(), x.grad, w.grad, b.grad, rm, rv
+
+
+@pytest.mark.parametrize("shape", [(12, 3, 4, 5), (12, 5)], ids=["2d", "1d"])
+def test_ghost_bn_nn_and_torch_match_the_definition(shape):
+    g = np.random.default_rng(0)
+    x = 3 + 2 * g.standard_normal(shape)
+    dy = g.standard_normal(shape)
+    C = shape[1]
+    want = reference_ghost(x, dy, 4, np.full(C, 1.5), np.full(C, 0.2), np.zeros(C), np.ones(C))
+    cls = "GhostBatchNorm2d" if len(shape) == 4 else "GhostBatchNorm1d"
+    ours = getattr(nn, cls)(C, virtual_batch_size=4, dtype=np.float64)
+    ours.weight.data[:] = 1.5
+    ours.bias.data[:] = 0.2
+    y = ours(x)
+    dx = ours.backward(dy)
+    for got, ref in zip((y, dx, ours.weight.grad, ours.bias.grad, ours.running_mean,
+                         ours.running_var), want):
+        close(got, ref)
+    theirs = getattr(bt, cls)(C, virtual_batch_size=4, dtype=D)
+    with torch.no_grad():
+        theirs.weight.fill_(1.5)
+        theirs.bias.fill_(0.2)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt)
+    yt.backward(torch.tensor(dy))
+    for got, ref in zip((yt, xt.grad, theirs.weight.grad, theirs.bias.grad,
+                         theirs.running_mean, theirs.running_var), want):
+        close(got, ref)
+    assert int(theirs.num_batches_tracked) == 1 and ours.num_batches_tracked == 1
+    # evaluation: the running statistics, any batch size
+    ours.eval()
+    theirs.eval()
+    close(ours(x[:3]), theirs(torch.tensor(x[:3])).detach())
+
+
+def test_ghost_bn_batch_size_not_a_multiple_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of virtual_batch_size=4, got a batch of 10"):
+        nn.GhostBatchNorm1d(3, virtual_batch_size=4)(np.zeros((10, 3), np.float32))
+    with pytest.raises(ValueError, match="multiple of virtual_batch_size=4, got a batch of 10"):
+        bt.GhostBatchNorm1d(3, virtual_batch_size=4)(torch.zeros(10, 3))
+    with pytest.raises(ValueError, match="virtual_batch_size must be a positive integer"):
+        bt.GhostBatchNorm2d(3, virtual_batch_size=0)
+
+
+def torchvision_frozen(x, w, b, rm, rv, eps=1e-5):
+    """torchvision.ops.FrozenBatchNorm2d.forward, written out."""
+    scale = w * (rv + eps).rsqrt()
+    shift = b - rm * scale
+    return x * scale.reshape(1, -1, *[1] * (x.dim() - 2)) + shift.reshape(1, -1, *[1] * (x.dim() - 2))
+
+
+def test_frozen_bn_is_torchvisions_and_loads_a_bn_state_dict():
+    bn = torch.nn.BatchNorm2d(3, dtype=D)
+    bn(torch.randn(8, 3, 4, 4, dtype=D))  # running statistics away from 0 and 1
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    sd = bn.state_dict()
+    assert "num_batches_tracked" in sd
+    frozen = bt.FrozenBatchNorm2d(3, dtype=D)
+    frozen.load_state_dict(sd)
+    assert not list(frozen.parameters())
+    x = torch.randn(5, 3, 4, 4, dtype=D, requires_grad=True)
+    want = torchvision_frozen(x, bn.weight.detach(), bn.bias.detach(), bn.running_mean,
+                              bn.running_var)
+    frozen.train()  # frozen in training too
+    y = frozen(x)
+    close(y.detach(), want.detach())
+    y.sum().backward()
+    close(x.grad, (bn.weight / (bn.running_var + 1e-5).sqrt()).detach().reshape(1, 3, 1, 1)
+          .expand_as(x))
+    ours = nn.FrozenBatchNorm2d(3, dtype=np.float64)
+    ours.load_state_dict({k: v.numpy() for k, v in sd.items()})
+    close(ours(x.detach().numpy()), want.detach())
+    close(ours.backward(np.ones(x.shape)), x.grad)
+    assert not ours.parameters()
+
+
+def test_freeze_keeps_places_and_values():
+    model = resnetish().double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=D)
+    want = model(x)
+    frozen = bt.freeze(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in frozen.modules())
+    assert isinstance(frozen[1], bt.FrozenBatchNorm2d) and isinstance(frozen[3][0].bn1,
+                                                                       bt.FrozenBatchNorm2d)
+    close(frozen.train()(x).detach(), want.detach())  # frozen: the same in training
+    net = models.seed_cnn(bn=True, channels=(4, 6), image_size=12).double()
+    net.eval()
+    xn = np.random.default_rng(0).random((3, 1, 12, 12))
+    want = net(xn)
+    net = nn.freeze(net)
+    assert [type(m).__name__ for m in net][:3] == ["Conv2d", "FrozenBatchNorm2d", "ReLU"]
+    close(net.train()(xn), want)
+
+
+def batches(n=4, shape=(6, 3, 5, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [3 + 2 * torch.randn(shape, generator=g, dtype=D) for _ in range(n)]
+
+
+def test_recalibrate_is_update_bn_and_the_exact_average():
+    model = resnetish().double()
+    ref = copy.deepcopy(model)
+    data = [(b, None) for b in batches()]
+    model.eval()
+    momenta = [m.momentum for m in model.modules() if hasattr(m, "momentum")]
+    bt.recalibrate(model, data)
+    torch.optim.swa_utils.update_bn([b for b, _ in data], ref)
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        close(a, b, 1e-12) if a.is_floating_point() else None
+    assert not model.training
+    assert [m.momentum for m in model.modules() if hasattr(m, "momentum")] == momenta
+    # bnlab.nn: the exact average of the batch means and unbiased variances
+    bn = nn.BatchNorm2d(3, dtype=np.float64, momentum=0.3)
+    net = nn.Sequential(bn)
+    data = [b.numpy() for b in batches()]
+    nn.recalibrate(net, data)
+    close(bn.running_mean, np.mean([d.mean(axis=(0, 2, 3)) for d in data], axis=0))
+    close(bn.running_var, np.mean([d.var(axis=(0, 2, 3), ddof=1) for d in data], axis=0))
+    assert bn.momentum == 0.3 and net.training
+
+
+def trained(model, data):
+    """A few training steps, so that the running statistics are not trivial."""
+    model.train()
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    return model.eval()
+
+
+def test_fold_batchnorm_torch_with_residual_blocks():
+    model = trained(resnetish().double(), batches(3, (4, 3, 9, 9)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+    before = copy.deepcopy(model.state_dict())
+    folded = bt.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for m in folded.modules())  # every BN followed a conv or linear
+    x = torch.randn(3, 3, 9, 9, dtype=D)
+    close(folded(x).detach(), model(x).detach(), 1e-12)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    want = torch.nn.utils.fusion.fuse_conv_bn_eval(model[3][0].conv1, model[3][0].bn1)
+    close(folded.get_submodule("3.0.conv1").weight.detach(), want.weight.detach(), 1e-12)
+    close(folded.get_submodule("3.0.conv1").bias.detach(), want.bias.detach(), 1e-12)
+
+
+def test_fold_batchnorm_leaves_or_names_a_bn_after_anything_else():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(),
+                                torch.nn.BatchNorm2d(3)).double()
+    trained(model, [torch.randn(4, 2, 6, 6, dtype=D)])
+    folded = bt.fold_batchnorm(model)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 1
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    close(folded(x).detach(), model(x).detach(), 1e-12)
+    with pytest.raises(ValueError, match="the BN layer '2' does not directly follow"):
+        bt.fold_batchnorm(model, strict=True)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match="the BN layer '2' does not directly follow"):
+        nn.fold_batchnorm(net, strict=True)
+
+
+def test_fold_batchnorm_nn_seed_cnn_and_paper_mlp():
+    for net, shape in ((models.seed_cnn(channels=(4, 6), image_size=12), (5, 1, 12, 12)),
+                       (models.paper_mlp(in_features=20, hidden=(7, 7)), (5, 20))):
+        net = net.double()
+        g = np.random.default_rng(1)
+        for _ in range(3):
+            net(3 + g.standard_normal(shape))
+        net.eval()
+        before = net.state_dict()
+        folded = nn.fold_batchnorm(net)
+        assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded)
+        x = g.standard_normal(shape)
+        close(folded(x), net(x), 1e-12)
+        assert all(np.array_equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_fold_params_formula():
+    g = np.random.default_rng(0)
+    w, b = g.standard_normal((3, 2, 3, 3)), g.standard_normal(3)
+    rm, rv, gamma, beta = g.standard_normal(3), g.random(3) + 0.5, g.random(3), g.random(3)
+    conv = torch.nn.Conv2d(2, 3, 3).double().eval()
+    bn = torch.nn.BatchNorm2d(3).double().eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(w))
+        conv.bias.copy_(torch.tensor(b))
+        for name, v in (("running_mean", rm), ("running_var", rv), ("weight", gamma),
+                        ("bias", beta)):
+            getattr(bn, name).copy_(torch.tensor(v))
+    want = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+    w2, b2 = F.fold_batchnorm_params(w, b, rm, rv, gamma, beta, 1e-5)
+    close(w2, want.weight.detach(), 1e-12)
+    close(b2, want.bias.detach(), 1e-12)
