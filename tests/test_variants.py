@@ -237,3 +237,71 @@ def test_fold_params_formula():
     w2, b2 = F.fold_batchnorm_params(w, b, rm, rv, gamma, beta, 1e-5)
     close(w2, want.weight.detach(), 1e-12)
     close(b2, want.bias.detach(), 1e-12)
+
+
+# --- masks ------------------------------------------------------------------------------------
+
+
+def masked_reference(x, mask, gamma, beta, dy, eps=1e-5):
+    """The definition in float64 autograd: statistics over the True positions only."""
+    x = torch.tensor(x, requires_grad=True)
+    w = torch.tensor(gamma, requires_grad=True)
+    b = torch.tensor(beta, requires_grad=True)
+    m = torch.tensor(mask).unsqueeze(1).double()
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    n = m.sum()
+    mean = (x * m).sum(dims) / n
+    var = ((x - mean.reshape(shape)) ** 2 * m).sum(dims) / n
+    y = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + eps) * w.reshape(shape) \
+        + b.reshape(shape)
+    y.backward(torch.tensor(dy))
+    return y.detach(), x.grad, w.grad, b.grad, mean.detach(), var.detach() * n / (n - 1)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 7), (5, 2, 3, 4), (9, 3)], ids=["NCL", "NCHW", "NC"])
+def test_mask_statistics_and_gradients_match_the_definition(shape):
+    g = np.random.default_rng(0)
+    x = 3 + 2 * g.standard_normal(shape)
+    mask = g.random((shape[0],) + shape[2:]) < 0.6
+    dy = g.standard_normal(shape)
+    C = shape[1]
+    gamma, beta = 0.5 + g.random(C), g.standard_normal(C)
+    y, dx, dg, db, mean, uvar = masked_reference(x, mask, gamma, beta, dy)
+    cls = {3: "BatchNorm1d", 4: "BatchNorm2d", 2: "BatchNorm1d"}[len(shape)]
+    ours = getattr(nn, cls)(C, dtype=np.float64, momentum=0.5)
+    ours.weight.data[:], ours.bias.data[:] = gamma, beta
+    close(ours(x, mask=mask), y, 1e-12)
+    close(ours.backward(dy), dx, 1e-12)
+    close(ours.weight.grad, dg, 1e-12)
+    close(ours.bias.grad, db, 1e-12)
+    close(ours.running_mean, 0.5 * mean, 1e-12)  # the update with the masked count
+    close(ours.running_var, 0.5 + 0.5 * uvar, 1e-12)
+    theirs = getattr(bt, cls)(C, dtype=D, momentum=0.5)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.tensor(gamma))
+        theirs.bias.copy_(torch.tensor(beta))
+    xt = torch.tensor(x, requires_grad=True)
+    yt = theirs(xt, mask=torch.tensor(mask))
+    yt.backward(torch.tensor(dy))
+    close(yt, y, 1e-12)
+    close(xt.grad, dx, 1e-12)
+    close(theirs.weight.grad, dg, 1e-12)
+    close(theirs.running_var, 0.5 + 0.5 * uvar, 1e-12)
+    # positions outside the mask get gamma * dy / sigma only
+    sigma = np.sqrt(np.asarray(uvar) * (mask.sum() - 1) / mask.sum() + 1e-5)
+    outside = ~np.expand_dims(mask, 1).repeat(C, 1)
+    scale = (gamma / sigma).reshape([1, -1] + [1] * (len(shape) - 2))
+    close(np.asarray(dx)[outside], (scale * dy)[outside], 1e-12)
+
+
+def test_mask_errors():
+    bn = nn.BatchNorm1d(3)
+    x = np.zeros((4, 3, 5), np.float32)
+    with pytest.raises(ValueError, match=r"mask must have x's shape without the channel axis "
+                                         r"\(4, 5\), got \(4, 3, 5\)"):
+        bn(x, mask=np.ones((4, 3, 5), bool))
+    with pytest.raises(ValueError, match="no True entry"):
+        bn(x, mask=np.zeros((4, 5), bool))
+    with pytest.raises(ValueError, match="no True entry"):
+        bt.BatchNorm1d(3)(torch.zeros(4, 3, 5), mask=torch.zeros(4, 5, dtype=torch.bool))

@@ -322,6 +322,7 @@ class BNCache:
     batch_stats: bool
     out_dtype: np.dtype
     var: np.ndarray | None = None  # biased batch variance (training only), (C,)
+    mask: np.ndarray | None = None  # statistics' positions: x's shape, 1 on the channel axis
 
 
 def _prepare(x, gamma, beta, axis):
@@ -355,7 +356,47 @@ def _affine(x_hat, gamma, beta, bshape):
     return y if beta is None else y + beta.reshape(bshape)
 
 
-def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend: str = "auto"):
+def _check_mask(mask, x: np.ndarray, axis: int) -> np.ndarray:
+    """``mask`` (x's shape without the channel axis, booleans with a True somewhere) as a
+    boolean array broadcastable against x (length 1 on the channel axis)."""
+    want = x.shape[:axis] + x.shape[axis + 1:]
+    mask = np.asarray(mask)
+    if mask.shape != want:
+        raise ValueError(f"mask must have x's shape without the channel axis {want}, got "
+                         f"{mask.shape}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must be boolean (True: counts in the statistics), got "
+                        f"{mask.dtype}")
+    if not mask.any():
+        raise ValueError("mask has no True entry: there is nothing to take statistics over")
+    return np.expand_dims(mask, axis)
+
+
+def _masked_forward(x, gamma, beta, eps, axis, mask):
+    """:func:`batch_norm_forward` with statistics over the positions where ``mask`` holds."""
+    x, axis, reduce_axes, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
+    eps = _check_number(eps, "eps", 0.0)
+    mask = _check_mask(mask, x, axis)
+    m = int(mask.sum())
+    if m <= 1:
+        raise ValueError(f"expected more than 1 unmasked value per channel when training, "
+                         f"got {m}")
+    xc = x.astype(cdt, copy=False)
+    acc = _accumulator(cdt)
+    w = mask.astype(acc)
+    mean = (xc * w).sum(axis=reduce_axes, dtype=acc) / m                         # (C,)
+    var = (np.square(xc - mean.reshape(bshape), dtype=acc) * w).sum(axis=reduce_axes) / m
+    inv_std = inv_std_of(var, eps, var.dtype)
+    mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))
+    _check_finite_stats(np.where(mask, x, 0), mean, var)
+    y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)    # everywhere
+    g = np.ones(C, cdt) if gamma is None else gamma
+    cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var, mask)
+    return y.astype(x.dtype, copy=False), cache
+
+
+def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend: str = "auto",
+                       mask=None):
     """Training-mode batch normalization with batch statistics: Algorithm 1 of the paper.
 
         mu      = mean(x)                  over every axis except ``axis``   (C,)
@@ -374,16 +415,23 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
         axis: the channel axis; default 1 (see the module docstring).
         backend: "auto" (fused kernels when numba is available and the dtype is one they
             take), "numpy" (this reference) or "numba"; see :mod:`bnlab.kernels`.
+        mask: None, or booleans of x's shape without the channel axis (e.g. (N, L) for
+            padded sequences (N, C, L)): mu and var are taken only over the True positions
+            (m = their count), y is computed everywhere with them (Flax/Keras ``mask``).
+            The NumPy reference computes it.
 
     Returns:
         ``(y, cache)``: ``y`` like ``x`` (same dtype), ``cache`` a :class:`BNCache` for
         :func:`batch_norm_backward`; ``cache.mean`` and ``cache.var`` are the batch statistics.
 
     Raises:
-        ValueError: at most one value per channel (``m <= 1``), or gamma/beta not (C,).
+        ValueError: at most one value per channel (``m <= 1``), or gamma/beta not (C,), or a
+            mask of the wrong shape or without a True entry.
         FloatingPointError: the input holds NaN or inf, or its variance is beyond the
             compute dtype's range.
     """
+    if mask is not None:
+        return _masked_forward(x, gamma, beta, eps, axis, mask)
     x, axis, reduce_axes, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
     eps = _check_number(eps, "eps", 0.0)
     m = _count(x.shape, reduce_axes)
@@ -421,6 +469,8 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
 
     The first ``dx`` is the paper's chain rule through mu and sigma^2 collapsed into one
     formula; the second holds in evaluation mode, where mean and variance are constants.
+    With a mask (statistics over its m True positions), positions outside it get the second
+    formula and those inside the first (dbeta, dgamma still summed over every position).
     The sums are accumulated in float64, like the statistics.
 
     Args:
@@ -438,7 +488,7 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
         raise ValueError(f"dy has shape {dy.shape}, expected the forward input's {cache.x.shape}")
     x = cache.x
     cdt = x.dtype
-    fast = _kernels(backend, x)
+    fast = None if cache.mask is not None else _kernels(backend, x)
     if fast is not None:
         dx, dgamma, dbeta = fast.backward(dy, x, cache.mean, cache.inv_std, cache.gamma,
                                           cache.axis, cache.batch_stats)
@@ -450,7 +500,11 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
     dbeta = _cast(dyc.sum(axis=reduce_axes, dtype=acc), cdt)                # (C,)
     dgamma = _cast((dyc * x_hat).sum(axis=reduce_axes, dtype=acc), cdt)     # (C,)
     scale = cache.gamma.reshape(bshape) * cache.inv_std.reshape(bshape)     # (1, C, 1, 1)
-    if cache.batch_stats:
+    if cache.mask is not None:  # the statistics saw only the masked positions
+        m = int(cache.mask.sum())
+        through_stats = (scale / m) * (dbeta.reshape(bshape) + x_hat * dgamma.reshape(bshape))
+        dx = scale * dyc - np.where(cache.mask, through_stats, 0)
+    elif cache.batch_stats:
         m = _count(x.shape, reduce_axes)
         dx = (scale / m) * (m * dyc - dbeta.reshape(bshape) - x_hat * dgamma.reshape(bshape))
     else:

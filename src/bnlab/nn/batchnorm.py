@@ -82,19 +82,24 @@ class _BatchNorm(Module):
                 f"(num_features={self.num_features}), got {C} channels in input of shape {x.shape}"
             )
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
+        """``mask`` (training, or without running statistics): booleans of x's shape without
+        the channel axis; the batch statistics, and the running-statistics update with its
+        count, come only from the True positions (padding excluded), and y is computed
+        everywhere (:func:`bnlab.functional.batch_norm_forward`). Ignored in evaluation."""
         x = np.asarray(x)
         self._check_input(x)
         gamma = None if self.weight is None else self.weight.data
         beta = None if self.bias is None else self.bias.data
         if self.training or self.running_mean is None:
-            y, cache = F.batch_norm_forward(x, gamma, beta, self.eps, self.axis)
+            y, cache = F.batch_norm_forward(x, gamma, beta, self.eps, self.axis, mask=mask)
             if self.training and self.running_mean is not None:
                 self.num_batches_tracked += 1
                 momentum = (1.0 / self.num_batches_tracked if self.momentum is None
                             else self.momentum)
+                m = x.size // self.num_features if mask is None else int(cache.mask.sum())
                 F.update_running_stats(self.running_mean, self.running_var, cache.mean,
-                                       cache.var, x.size // self.num_features, momentum)
+                                       cache.var, m, momentum)
         else:
             y, cache = F.batch_norm_inference(x, self.running_mean, self.running_var,
                                               gamma, beta, self.eps, self.axis)

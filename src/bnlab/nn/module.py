@@ -66,8 +66,8 @@ class Module:
     def backward(self, dy):
         raise NotImplementedError(f"{type(self).__name__} has no backward")
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, **kwargs):
+        return self.forward(x, **kwargs)
 
     # --- traversal ----------------------------------------------------------------------
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:

@@ -11,8 +11,11 @@ without ``num_batches_tracked`` too), input checks, train/eval, ``track_running_
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
+from .. import functional as BF
 from . import functional as F
 
 
@@ -29,8 +32,12 @@ class _BatchNorm:
 
     backend = "auto"
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: as :meth:`bnlab.nn.BatchNorm2d.forward`'s (statistics and the
+        running-statistics update only over True positions; ignored in evaluation)."""
         self._check_input_dim(input)
+        if mask is not None and (self.training or self.running_mean is None):
+            return MaskedFunction.apply(input, mask, self.weight, self.bias, self.eps, self)
         update = self.training and self.track_running_stats
         # batch statistics in training, and in evaluation when there are no running ones
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -48,6 +55,43 @@ class _BatchNorm:
                                     bn_training, momentum, self.eps, nbt)
         return F.kernel_batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                    bn_training, momentum, self.eps, nbt, engine)
+
+
+class MaskedFunction(torch.autograd.Function):
+    """Masked batch statistics, by :func:`bnlab.functional.batch_norm_forward` and
+    ``batch_norm_backward`` (NumPy, on the CPU: CUDA tensors are copied there and back).
+    Updates the module's running statistics (if tracked) with the masked count."""
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, eps, module):
+        def host(t):
+            return None if t is None else t.detach().cpu().numpy()
+
+        y, cache = BF.batch_norm_forward(host(x), host(weight), host(bias), eps, 1,
+                                         mask=host(mask).astype(bool))
+        if module.training and module.track_running_stats:
+            module.num_batches_tracked.add_(1)
+            momentum = module.momentum
+            if momentum is None:
+                momentum = 1.0 / float(module.num_batches_tracked)
+            with torch.no_grad():
+                rm, rv = host(module.running_mean).copy(), host(module.running_var).copy()
+                BF.update_running_stats(rm, rv, cache.mean, cache.var, int(cache.mask.sum()),
+                                        momentum)
+                module.running_mean.copy_(torch.from_numpy(rm))
+                module.running_var.copy_(torch.from_numpy(rv))
+        ctx.cache, ctx.device = cache, x.device
+        ctx.has_weight = weight is not None
+        return torch.from_numpy(y).to(x.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        dx, dgamma, dbeta = BF.batch_norm_backward(dy.detach().cpu().numpy(), ctx.cache)
+        out = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
+        if not ctx.has_weight:
+            return out(dx), None, None, None, None, None
+        return out(dx), None, out(dgamma), out(dbeta), None, None
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
