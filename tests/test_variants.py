@@ -305,3 +305,23 @@ def test_mask_errors():
         bn(x, mask=np.zeros((4, 5), bool))
     with pytest.raises(ValueError, match="no True entry"):
         bt.BatchNorm1d(3)(torch.zeros(4, 3, 5), mask=torch.zeros(4, 5, dtype=torch.bool))
+
+
+def test_batch_renorm_evaluates_with_the_running_statistics_and_checks_limits():
+    g = np.random.default_rng(2)
+    ours = nn.BatchRenorm2d(3, dtype=np.float64, rmax=1.5, dmax=0.5)
+    theirs = bt.BatchRenorm2d(3, dtype=D, rmax=1.5, dmax=0.5)
+    for _ in range(3):
+        x = 2 + 3 * g.standard_normal((6, 3, 2, 2))
+        ours(x)
+        theirs(torch.tensor(x))
+    close(ours.renorm_std, theirs.renorm_std, 1e-12)
+    ours.eval()
+    theirs.eval()
+    x = g.standard_normal((2, 3, 2, 2))
+    want, _ = F.batch_norm_inference(x, ours.running_mean, ours.running_var, None, None, 1e-5)
+    close(ours(x), want, 1e-12)
+    close(theirs(torch.tensor(x)), want, 1e-12)
+    ours.rmax = 2.0  # a schedule may raise the limits
+    with pytest.raises(ValueError, match="rmax must be >= 1 and dmax >= 0"):
+        bt.BatchRenorm1d(3, rmax=0.5)

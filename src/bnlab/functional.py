@@ -580,6 +580,88 @@ def fold_batchnorm_params(weight, bias, running_mean, running_var, gamma, beta, 
     return w.astype(dt), b.astype(dt)
 
 
+def renorm_correction(mean, var, eps: float, renorm_mean, renorm_std, rmax: float,
+                      dmax: float):
+    """Batch renormalization's corrections (Ioffe 2017, as Keras 2 computes them) from the
+    batch statistics and the renorm averages *before* this batch's update:
+
+        sigma_B = sqrt(var + eps)                      (var: the biased batch variance)
+        sigma   = max(renorm_std, sqrt(eps))
+        r = clip(sigma_B / sigma, 1/rmax, rmax),   d = clip((mean - renorm_mean) / sigma, -dmax, dmax)
+
+    Returns float64 (C,) r, d and sigma_B. r and d are constants for the gradient.
+    """
+    mean, var = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.maximum(np.asarray(renorm_std, np.float64), np.sqrt(eps))
+    r = np.clip(sigma_b / sigma, 1.0 / rmax, rmax)
+    d = np.clip((mean - np.asarray(renorm_mean, np.float64)) / sigma, -dmax, dmax)
+    return r, d, sigma_b
+
+
+def update_renorm_stats(renorm_mean, renorm_std, mean, sigma_b, momentum: float) -> None:
+    """In place: ``renorm = (1 - momentum) * renorm + momentum * batch`` for the batch mean
+    and sigma_B (PyTorch's momentum convention: Keras's ``renorm_momentum=0.99`` is 0.01;
+    no debiasing, as Keras 2)."""
+    renorm_mean *= 1.0 - momentum
+    renorm_mean += momentum * np.asarray(mean).astype(renorm_mean.dtype, copy=False)
+    renorm_std *= 1.0 - momentum
+    renorm_std += momentum * np.asarray(sigma_b).astype(renorm_std.dtype, copy=False)
+
+
+@dataclass
+class RenormCache:
+    """What :func:`batch_renorm_backward` needs: the plain BN cache (gamma 1: its y is
+    x_hat), r and d (C,), and gamma (C,)."""
+
+    bn: BNCache
+    r: np.ndarray
+    d: np.ndarray
+    gamma: np.ndarray
+
+
+def batch_renorm_forward(x, gamma, beta, eps: float, axis: int, renorm_mean, renorm_std,
+                         rmax: float, dmax: float, backend: str = "auto"):
+    """Batch renormalization in training (Ioffe 2017):
+
+        x_hat = (x - mu_B) / sigma_B          (:func:`batch_norm_forward`, batch statistics)
+        y     = gamma * (x_hat * r + d) + beta   (r, d: :func:`renorm_correction`)
+
+    Returns ``(y, cache)`` (a :class:`RenormCache`; ``cache.bn.mean``/``.var`` are the batch
+    statistics, for the running and renorm averages). The averages are not updated here.
+    """
+    x_hat, cache = batch_norm_forward(x, None, None, eps, axis, backend)
+    C = cache.mean.shape[0]
+    r, d, _ = renorm_correction(cache.mean, cache.var, eps, renorm_mean, renorm_std, rmax, dmax)
+    cdt = cache.x.dtype
+    g = np.ones(C, cdt) if gamma is None else np.asarray(gamma, cdt)
+    _, _, bshape = _channel_axes(cache.x, cache.axis)
+    b = 0 if beta is None else np.asarray(beta, cdt).reshape(bshape)
+    y = g.reshape(bshape) * (x_hat.astype(cdt, copy=False) * _cast(r, cdt).reshape(bshape)
+                             + _cast(d, cdt).reshape(bshape)) + b
+    return y.astype(cache.out_dtype, copy=False), RenormCache(cache, r, d, g)
+
+
+def batch_renorm_backward(dy, cache: RenormCache, backend: str = "auto"):
+    """dx, dgamma, dbeta of :func:`batch_renorm_forward` (r and d constant):
+
+        dx     = BN's dx with gamma * r in place of gamma
+        dgamma = sum(dy * (x_hat * r + d)),   dbeta = sum(dy)
+    """
+    dy = np.asarray(dy)
+    bn = cache.bn
+    _, reduce_axes, bshape = _channel_axes(bn.x, bn.axis)
+    cdt = bn.x.dtype
+    scale = (cache.gamma * cache.r).astype(cdt).reshape(bshape)
+    dx, _, _ = batch_norm_backward(dy.astype(cdt, copy=False) * scale, bn, backend)
+    acc = _accumulator(cdt)
+    dyc = dy.astype(cdt, copy=False)
+    dbeta = dyc.sum(axis=reduce_axes, dtype=acc)
+    x_hat = _normalize(bn.x, bn.mean, bn.inv_std, bshape)
+    dgamma = (dyc * x_hat).sum(axis=reduce_axes, dtype=acc) * cache.r + dbeta * cache.d
+    return dx.astype(bn.out_dtype, copy=False), _cast(dgamma, cdt), _cast(dbeta, cdt)
+
+
 def check_virtual_batch_size(v) -> int:
     """``v`` as an int, or a ValueError: a virtual batch size is a positive integer."""
     if isinstance(v, bool) or int(v) != v or v < 1:

@@ -80,6 +80,83 @@ class GhostBatchNorm2d(_Ghost, BatchNorm2d):
         self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
 
 
+class _Renorm:
+    """Mixin: batch renormalization in training (:func:`bnlab.functional.batch_renorm_forward`),
+    BN with the running statistics in evaluation.
+
+    Buffers beyond BN's: ``renorm_mean`` (init 0) and ``renorm_std`` (init 1), the averages
+    r and d are computed from (read before this batch updates them, with ``renorm_momentum``
+    in PyTorch's convention: Keras's ``renorm_momentum=0.99`` is 0.01 here; not debiased).
+    ``running_mean``/``running_var`` are updated exactly as BatchNorm's (unbiased variance;
+    Keras keeps a ``moving_stddev`` instead) and serve evaluation. ``rmax`` and ``dmax`` are
+    plain attributes, so a schedule may raise them during training (the paper starts at 1
+    and 0).
+    """
+
+    def _init_renorm(self, rmax, dmax, renorm_momentum, dtype):
+        if rmax < 1 or dmax < 0:
+            raise ValueError(f"rmax must be >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+        self.rmax, self.dmax, self.renorm_momentum = float(rmax), float(dmax), renorm_momentum
+        self.register_buffer("renorm_mean", np.zeros(self.num_features, dtype))
+        self.register_buffer("renorm_std", np.ones(self.num_features, dtype))
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        x = np.asarray(x)
+        self._check_input(x)
+        gamma = None if self.weight is None else self.weight.data
+        beta = None if self.bias is None else self.bias.data
+        y, cache = F.batch_renorm_forward(x, gamma, beta, self.eps, self.axis,
+                                          self.renorm_mean, self.renorm_std, self.rmax,
+                                          self.dmax)
+        bn = cache.bn
+        F.update_renorm_stats(self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std,
+                              self.renorm_momentum)
+        self.num_batches_tracked += 1
+        momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        F.update_running_stats(self.running_mean, self.running_var, bn.mean, bn.var,
+                               x.size // self.num_features, momentum)
+        self._cache = cache
+        return y
+
+    def backward(self, dy):
+        if not isinstance(self._cache, F.RenormCache):
+            return super().backward(dy)
+        dx, dgamma, dbeta = F.batch_renorm_backward(dy, self._cache)
+        if self.weight is not None:
+            self.weight.grad += dgamma.astype(self.weight.grad.dtype, copy=False)
+            self.bias.grad += dbeta.astype(self.bias.grad.dtype, copy=False)
+        return dx
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
+                f"renorm_momentum={self.renorm_momentum}")
+
+
+class BatchRenorm1d(_Renorm, BatchNorm1d):
+    """Batch renormalization over (N, C) or (N, C, L) (see :class:`_Renorm`).
+
+    Example:
+        >>> bn = BatchRenorm1d(100, rmax=3.0, dmax=5.0)
+        >>> y = bn(np.random.randn(4, 100).astype(np.float32))   # small batches are its point
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
+                 renorm_momentum=0.01, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, True, dtype)
+        self._init_renorm(rmax, dmax, renorm_momentum, dtype)
+
+
+class BatchRenorm2d(_Renorm, BatchNorm2d):
+    """Batch renormalization over (N, C, H, W) (or NHWC) input (see :class:`_Renorm`)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
+                 renorm_momentum=0.01, dtype=np.float32, data_format: str = "NCHW"):
+        super().__init__(num_features, eps, momentum, affine, True, dtype, data_format)
+        self._init_renorm(rmax, dmax, renorm_momentum, dtype)
+
+
 class FrozenBatchNorm2d(Module):
     """BN with fixed statistics and parameters (torchvision's ``FrozenBatchNorm2d``):
     ``weight``, ``bias``, ``running_mean``, ``running_var`` are buffers, nothing learns, and

@@ -95,6 +95,76 @@ class GhostBatchNorm2d(_Ghost, _BatchNorm, torch.nn.BatchNorm2d):
         self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
 
 
+# --- batch renormalization ---------------------------------------------------------------------
+
+
+class _Renorm:
+    """Mixin: batch renormalization in training, BN with the running statistics in
+    evaluation; semantics, buffers (``renorm_mean``, ``renorm_std``) and conventions as
+    :class:`bnlab.nn.BatchRenorm2d`'s. x_hat comes from bnlab's kernels (differentiable);
+    r and d from :func:`bnlab.functional.renorm_correction` (constants);
+    ``y = x_hat * (weight * r) + (weight * d + bias)``."""
+
+    def _init_renorm(self, rmax, dmax, renorm_momentum):
+        if rmax < 1 or dmax < 0:
+            raise ValueError(f"rmax must be >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
+        self.rmax, self.dmax, self.renorm_momentum = float(rmax), float(dmax), renorm_momentum
+        kw = dict(device=self.running_mean.device, dtype=self.running_mean.dtype)
+        self.register_buffer("renorm_mean", torch.zeros(self.num_features, **kw))
+        self.register_buffer("renorm_std", torch.ones(self.num_features, **kw))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        self._check_input_dim(input)
+        F._verify_batch_size(input)
+        x_hat, mean, var = _train_with_stats(input, None, None, self.eps, self.backend)
+        r, d, sigma_b = BF.renorm_correction(_np(mean), _np(var), self.eps,
+                                             _np(self.renorm_mean), _np(self.renorm_std),
+                                             self.rmax, self.dmax)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+
+        def channel(a):
+            return torch.from_numpy(a).to(input.device, input.dtype).reshape(shape)
+
+        weight = 1.0 if self.weight is None else self.weight.reshape(shape)
+        bias = 0.0 if self.bias is None else self.bias.reshape(shape)
+        y = x_hat * (weight * channel(r)) + (weight * channel(d) + bias)
+        with torch.no_grad():
+            rm, rs = _np(self.renorm_mean), _np(self.renorm_std)
+            BF.update_renorm_stats(rm, rs, _np(mean), sigma_b, self.renorm_momentum)
+            self.renorm_mean.copy_(torch.from_numpy(rm))
+            self.renorm_std.copy_(torch.from_numpy(rs))
+            engine = _ops.ENGINES["triton" if input.device.type == "cuda" else "numba"]
+            if input.device.type == "cpu":
+                mean, var = mean.double(), var.double()
+            engine.update(self.running_mean, self.running_var, self.num_batches_tracked, mean,
+                          var, _ops.count_per_channel(input), self.momentum)
+        return y
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
+                f"renorm_momentum={self.renorm_momentum}")
+
+
+class BatchRenorm1d(_Renorm, _BatchNorm, torch.nn.BatchNorm1d):
+    """Batch renormalization over (N, C) or (N, C, L); see :class:`_Renorm`."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
+                 renorm_momentum=0.01, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self._init_renorm(rmax, dmax, renorm_momentum)
+
+
+class BatchRenorm2d(_Renorm, _BatchNorm, torch.nn.BatchNorm2d):
+    """Batch renormalization over (N, C, H, W); see :class:`_Renorm`."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
+                 renorm_momentum=0.01, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self._init_renorm(rmax, dmax, renorm_momentum)
+
+
 # --- frozen BN --------------------------------------------------------------------------------
 
 
