@@ -40,9 +40,18 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
         return real(*args, backend=backend, **kwargs)
 
     monkeypatch.setattr(bench.F, "batch_norm_forward", spy)
+    acts = {}
+    real_act = bench.F.batch_norm_inference
+
+    def spy_act(*args, act="identity", **kwargs):
+        acts.setdefault(current[0], set()).add(act)
+        return real_act(*args, act=act, **kwargs)
+
+    monkeypatch.setattr(bench.F, "batch_norm_inference", spy_act)
     current = [None]
     medians = {"copy": 2.0, "train/reference": 40.0, "infer/reference": 10.0,
                "train/fused": 6.0, "infer/fused": 2.0, "train/torch": 12.0, "infer/torch": 1.0,
+               "train/fused_act": 6.6, "infer/fused_act": 2.2,
                "train/torch_channels_last": 8.0, "infer/torch_channels_last": 4.0,
                "train/bnlab_torch": 4.0, "infer/bnlab_torch": 1.0,
                "train/bnlab_torch_channels_last": 6.0, "infer/bnlab_torch_channels_last": 2.0}
@@ -56,7 +65,10 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
 
     monkeypatch.setattr(bench, "_median_times", fake_medians)
     row = bench.bench_case(bench.Case("t", "NCHW", (4, 3, 4, 4), "float32"), repeats=1)
-    assert backends == {"train/reference": {"numpy"}, "train/fused": {"numba"}}
+    assert backends == {"train/reference": {"numpy"}, "train/fused": {"numba"},
+                        "train/fused_act": {"numba"}}
+    assert acts["infer/fused_act"] == {"relu"} and acts["infer/fused"] == {"identity"}
+    assert row["train_fused_act_vs_fused"] == pytest.approx(1.1)
     assert row["copy_times"]["train/fused"] == 3.0 and row["copy_times"]["train/reference"] == 20.0
     assert row["copy_times"]["infer/torch"] == 0.5
     assert row["train_fused_vs_torch"] == 0.5 and row["train_fused_vs_torch_channels_last"] == 0.75
@@ -67,8 +79,8 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
     assert row["infer_bnlab_torch_vs_torch_channels_last"] == 0.5
     line = bench.format_table({"rows": [row], "repeats": 1, "environment": bench.environment()}
                               ).splitlines()[4]
-    assert line.split() == ["t", "float32", "train", "2000.00", "20.00", "3.00", "6.00", "4.00",
-                            "2.00", "3.00", "0.50", "0.75", "0.33", "0.75"]
+    assert line.split() == ["t", "float32", "train", "2000.00", "20.00", "3.00", "3.30", "6.00",
+                            "4.00", "2.00", "3.00", "1.10", "0.50", "0.75", "0.33", "0.75"]
 
 
 def test_bench_run_and_table(tmp_path):

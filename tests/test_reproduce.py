@@ -167,3 +167,41 @@ def test_reproduce_help(name, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["reproduce", name, "--help"])
     assert e.value.code == 0 and "--steps" in capsys.readouterr().out
+
+
+def test_small_batch_structure_summary_and_report(tmp_path):
+    """Every (variant, batch size, seed) trained on the same samples; the summary's means
+    and spreads are those of the runs; the figure and report are written."""
+    config = R.SmallBatchConfig(dataset="digits", batch_sizes=(2, 8), seeds=(0, 1),
+                                samples=64)
+    out = tmp_path / "sb"
+    result = R.run_small_batch(config, out=out, progress=False, print_fn=lambda *a: None)
+    runs = load(out)["runs"]
+    assert len(runs) == 2 * 3 * 2
+    assert {(r["variant"], r["batch_size"]) for r in runs} == {
+        (v, b) for v in ("bn", "ghost", "renorm") for b in (2, 8)}
+    assert all(r["steps"] * r["batch_size"] == 64 for r in runs)
+    assert all(r["lr"] == pytest.approx(0.1 * r["batch_size"] / 32) for r in runs)
+    for row in result["summary"]:
+        accs = [r["eval_accuracy"] for r in runs
+                if (r["variant"], r["batch_size"]) == (row["variant"], row["batch_size"])]
+        assert row["eval_accuracy"] == pytest.approx(np.mean(accs))
+        assert row["eval_accuracy_std"] == pytest.approx(np.std(accs, ddof=1))
+        gaps = [r["batch_stats_accuracy"] - r["eval_accuracy"] for r in runs
+                if (r["variant"], r["batch_size"]) == (row["variant"], row["batch_size"])]
+        assert row["train_eval_gap"] == pytest.approx(np.mean(gaps))
+    assert (out / "small_batch.png").read_bytes().startswith(PNG)
+    assert "batch renorm" in (out / "report.md").read_text()
+
+
+def test_small_batch_swaps_the_bn_layers_and_keeps_parameters():
+    config = R.SmallBatchConfig(virtual_batch_size=2)
+    net = models.seed_cnn(seed=3)
+    gammas = [m.weight.data.copy() for m in net if isinstance(m, nn.BatchNorm2d)]
+    ghost = R.with_variant(models.seed_cnn(seed=3), "ghost", config)
+    renorm = R.with_variant(models.seed_cnn(seed=3), "renorm", config)
+    assert [type(m).__name__ for m in ghost].count("GhostBatchNorm2d") == 2
+    assert [type(m).__name__ for m in renorm].count("BatchRenorm2d") == 2
+    got = [m.weight.data for m in renorm if isinstance(m, nn.BatchRenorm2d)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, gammas))
+    assert list(renorm.state_dict())[:2] == list(net.state_dict())[:2]

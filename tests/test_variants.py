@@ -325,3 +325,52 @@ def test_batch_renorm_evaluates_with_the_running_statistics_and_checks_limits():
     ours.rmax = 2.0  # a schedule may raise the limits
     with pytest.raises(ValueError, match="rmax must be >= 1 and dmax >= 0"):
         bt.BatchRenorm1d(3, rmax=0.5)
+
+
+# --- BN + activation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["NCHW", "channels_last"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_batch_norm_act_equals_bn_then_relu(fmt, dtype):
+    """Fused BN+ReLU against torch's BatchNorm2d then ReLU: training (outputs, gradients,
+    running statistics) and evaluation, in bnlab.nn and bnlab.torch."""
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    tol = 1e-10 if dtype == np.float64 else 2e-5
+    g = np.random.default_rng(3)
+    ref = torch.nn.BatchNorm2d(4, dtype=tdt)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor(0.5 + g.random(4)))
+        ref.bias.copy_(torch.tensor(g.standard_normal(4)))
+    ours_t = bt.BatchNormAct2d(4, dtype=tdt)
+    ours_t.load_state_dict(ref.state_dict())
+    ours_n = nn.BatchNormAct2d(4, dtype=dtype)
+    ours_n.load_state_dict({k: v.numpy() for k, v in ref.state_dict().items()})
+    for step in range(2):
+        x = (0.3 + g.standard_normal((5, 4, 6, 7))).astype(dtype)
+        dy = g.standard_normal(x.shape).astype(dtype)
+        xr = torch.tensor(x, requires_grad=True)
+        y_ref = torch.relu(ref(xr))
+        y_ref.backward(torch.tensor(dy))
+        xt = torch.tensor(x)
+        if fmt == "channels_last":
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        xt.requires_grad_()
+        yt = ours_t(xt)
+        yt.backward(torch.tensor(dy))
+        close(yt, y_ref, tol)
+        close(xt.grad, xr.grad, tol)
+        close(ours_t.weight.grad, ref.weight.grad, tol)
+        close(ours_t.running_var, ref.running_var, tol)
+        ours_n.weight.grad[:] = 0
+        close(ours_n(x), y_ref, tol)
+        close(ours_n.backward(dy), xr.grad, tol)
+        close(ours_n.weight.grad, ref.weight.grad, tol)
+        ours_t.weight.grad = ours_t.bias.grad = ref.weight.grad = ref.bias.grad = None
+    for m in (ref, ours_t, ours_n):
+        m.eval()
+    x = g.standard_normal((3, 4, 6, 7)).astype(dtype)
+    want = torch.relu(ref(torch.tensor(x))).detach()
+    close(ours_t(torch.tensor(x)), want, tol)
+    close(ours_n(x), want, tol)
+    assert (ours_n(x) >= 0).all() and not np.signbit(ours_n(x)).any()

@@ -7,7 +7,9 @@ every candidate alike) and reported as medians:
   yardstick. BN training forward+backward must read x and dy and write y and dx, about
   five tensor passes, 2.5 copy-times: that is the floor.
 * ``reference``: the NumPy reference (``backend="numpy"``).
-* ``fused``: bnlab's numba kernels (``backend="numba"``).
+* ``fused``: bnlab's numba kernels (``backend="numba"``); ``fused_act``: the same with the
+  ReLU fused into the passes (BatchNormAct2d; ``train_fused_act_vs_fused`` is its cost over
+  BN alone).
 * ``torch``: ``torch.nn.BatchNorm1d/2d`` (PyTorch's native CPU batch norm; training:
   autograd forward + backward and the running-statistics update) on NCHW memory, and
   ``torch_channels_last`` on channels-last memory, for every 4-D case whatever bnlab's
@@ -139,17 +141,20 @@ def bench_case(case: Case, repeats: int) -> dict:
     mean, var = np.zeros(C, pdt), np.ones(C, pdt)
     dst = np.empty_like(x)
 
-    def impl(backend):
+    def impl(backend, act="identity"):
         def train():
-            _, cache = F.batch_norm_forward(x, gamma, beta, axis=axis, backend=backend)
+            _, cache = F.batch_norm_forward(x, gamma, beta, axis=axis, backend=backend, act=act)
             F.batch_norm_backward(dy, cache, backend=backend)
 
         def infer():
-            F.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, backend=backend)
+            F.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, backend=backend,
+                                   act=act)
 
         return train, infer
 
     cands = {"reference": impl("numpy"), "fused": impl("numba")}
+    if dt != np.float16:  # BN + ReLU in the same passes (BatchNormAct2d)
+        cands["fused_act"] = impl("numba", "relu")
     cands.update(_torch_fns(case, x, dy, gamma, beta, mean, var))
     fns = {"copy": lambda: np.copyto(dst, x)}
     for k, (train, infer) in cands.items():
@@ -161,7 +166,8 @@ def bench_case(case: Case, repeats: int) -> dict:
     copy = med["copy"]
     row["copy_times"] = {k: v / copy for k, v in med.items()}
     for op in ("train", "infer"):
-        for ours, theirs, key in (("fused", "torch", "fused_vs_torch"),
+        for ours, theirs, key in (("fused_act", "fused", "fused_act_vs_fused"),
+                                  ("fused", "torch", "fused_vs_torch"),
                                   ("fused", "torch_channels_last", "fused_vs_torch_channels_last"),
                                   ("bnlab_torch", "torch", "bnlab_torch_vs_torch"),
                                   ("bnlab_torch_channels_last", "torch_channels_last",
@@ -294,16 +300,19 @@ def run(shapes=None, dtypes=("float32", "float64"), repeats: int = 21, cnn: bool
 
 def format_table(result: dict) -> str:
     """Times in copy-times (median time / median copy time, same run) and ratios to torch."""
-    cols = [("ref", "reference", 6), ("fused", "fused", 7), ("torch", "torch", 7),
+    cols = [("ref", "reference", 6), ("fused", "fused", 7), ("+relu", "fused_act", 7),
+            ("torch", "torch", 7),
             ("torchCL", "torch_channels_last", 8), ("bt", "bnlab_torch", 7),
             ("btCL", "bnlab_torch_channels_last", 7)]
-    ratios = [("fused/torch", "fused_vs_torch", 12), ("fused/CL", "fused_vs_torch_channels_last", 9),
+    ratios = [("relu/BN", "fused_act_vs_fused", 8), ("fused/torch", "fused_vs_torch", 12),
+              ("fused/CL", "fused_vs_torch_channels_last", 9),
               ("bt/torch", "bnlab_torch_vs_torch", 9),
               ("btCL/CL", "bnlab_torch_vs_torch_channels_last", 8)]
     head = (f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}"
             + "".join(f"{label:>{w}s}" for label, _, w in cols + ratios))
     lines = ["times in copy-times (1.0 = np.copyto of the same tensor); ratios < 1: bnlab faster",
-             "fused: bnlab's kernels on NumPy arrays; torch/torchCL: torch.nn's module on NCHW /"
+             "fused: bnlab's kernels on NumPy arrays (+relu: BN+ReLU fused, BatchNormAct2d; "
+             "relu/BN: its cost over BN alone); torch/torchCL: torch.nn's module on NCHW /"
              " channels-last memory; bt/btCL: bnlab.torch's module on the same", head,
              "-" * len(head)]
     for r in result["rows"]:

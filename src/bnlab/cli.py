@@ -101,9 +101,16 @@ def _cmd_compare(args) -> int:
 def _cmd_reproduce(args) -> int:
     from .experiments import reproduce as R
 
+    progress = not args.no_progress
+    if args.experiment == "small-batch":
+        config = R.SmallBatchConfig(dataset=args.dataset, model=args.model,
+                                    batch_sizes=tuple(args.batch_sizes),
+                                    variants=tuple(args.variants), seeds=tuple(args.seeds),
+                                    samples=args.samples, lr32=args.lr32)
+        R.run_small_batch(config, out=args.out, progress=progress)
+        return 0
     common = dict(dataset=args.dataset, batch_size=args.batch_size, seed=args.seed,
                   eval_every=args.eval_every)
-    progress = not args.no_progress
     if args.experiment == "fig1":
         config = R.Fig1Config(steps=args.steps, lr=args.lr, weight_std=args.weight_std,
                               probe_every=args.probe_every, unit=args.unit, **common)
@@ -196,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .experiments import reproduce as R
 
-    p = sub.add_parser("reproduce", help="the paper's experiments: fig1, lr-sweep, init-sweep",
+    p = sub.add_parser("reproduce", help="the paper's experiments: fig1, lr-sweep, init-sweep, "
+                                         "small-batch",
                        description="Reproduce the evidence of Ioffe & Szegedy (2015) with the "
                                    "paper's MLP on real digits; each writes results.json, PNG "
                                    "figures and report.md into a run folder.")
@@ -244,6 +252,27 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--activations", nargs="+", choices=["sigmoid", "relu"],
                            default=list(d.activations), help="default sigmoid relu")
+    d = R.SmallBatchConfig()
+    text = ("why the BN variants exist: the seed CNN at batch sizes 2-32 (same samples seen) "
+            "with BN, ghost BN and batch renorm, several seeds: eval accuracy and train/eval gap")
+    q = rsub.add_parser("small-batch", help=text, description=text + ".")
+    q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                   help=f"default {d.dataset}")
+    q.add_argument("--model", choices=["cnn", "mlp"], default=d.model,
+                   help="cnn: the seed CNN (BN over N*H*W values per channel); mlp: the "
+                        "paper's MLP (BN over N values per unit) (default cnn)")
+    q.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=list(d.batch_sizes),
+                   help=f"default {list(d.batch_sizes)}")
+    q.add_argument("--variants", nargs="+", choices=["bn", "ghost", "renorm"],
+                   default=list(d.variants), help=f"default {list(d.variants)}")
+    q.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds),
+                   help=f"default {list(d.seeds)}")
+    q.add_argument("--samples", type=_positive_int, default=d.samples,
+                   help=f"training samples seen per run (default {d.samples})")
+    q.add_argument("--lr32", type=_positive_float, default=d.lr32,
+                   help=f"learning rate at batch 32, scaled linearly (default {d.lr32})")
+    q.add_argument("--out", default=None, help="run folder (default runs/small-batch-<time>)")
+    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild a run folder's figures and report.md",

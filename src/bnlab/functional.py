@@ -323,6 +323,8 @@ class BNCache:
     out_dtype: np.dtype
     var: np.ndarray | None = None  # biased batch variance (training only), (C,)
     mask: np.ndarray | None = None  # statistics' positions: x's shape, 1 on the channel axis
+    act: str = "identity"  # the activation fused after BN ("relu": BatchNormAct2d)
+    beta: np.ndarray | None = None  # (C,), for the activation's gradient
 
 
 def _prepare(x, gamma, beta, axis):
@@ -395,8 +397,22 @@ def _masked_forward(x, gamma, beta, eps, axis, mask):
     return y.astype(x.dtype, copy=False), cache
 
 
+ACTS = ("identity", "relu")
+
+
+def _check_act(act: str) -> bool:
+    """True for ReLU; a ValueError for an activation bnlab does not fuse."""
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    return act == "relu"
+
+
+def _activate(y, relu: bool):
+    return np.maximum(y, 0, out=y) if relu else y  # NaN stays NaN
+
+
 def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend: str = "auto",
-                       mask=None):
+                       mask=None, act: str = "identity"):
     """Training-mode batch normalization with batch statistics: Algorithm 1 of the paper.
 
         mu      = mean(x)                  over every axis except ``axis``   (C,)
@@ -419,6 +435,8 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
             padded sequences (N, C, L)): mu and var are taken only over the True positions
             (m = their count), y is computed everywhere with them (Flax/Keras ``mask``).
             The NumPy reference computes it.
+        act: "identity" (default) or "relu": ``y = relu(gamma * x_hat + beta)``, in the same
+            pass with the kernels (timm's BatchNormAct2d).
 
     Returns:
         ``(y, cache)``: ``y`` like ``x`` (same dtype), ``cache`` a :class:`BNCache` for
@@ -430,7 +448,10 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
         FloatingPointError: the input holds NaN or inf, or its variance is beyond the
             compute dtype's range.
     """
+    relu = _check_act(act)
     if mask is not None:
+        if relu:
+            raise ValueError("mask= and act= together are not supported")
         return _masked_forward(x, gamma, beta, eps, axis, mask)
     x, axis, reduce_axes, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
     eps = _check_number(eps, "eps", 0.0)
@@ -442,7 +463,8 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
     xc = x.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
     if fast is not None:
-        y, mean, var, inv_std = fast.train_forward(xc, gamma, beta, eps, axis)  # float64 stats
+        y, mean, var, inv_std = fast.train_forward(xc, gamma, beta, eps, axis,
+                                                   act=act)  # float64 stats
         if not np.isfinite(var).all() and np.isfinite(x).all():
             fast = None  # the kernels' float64 sums overflowed; the reference rescales
     if fast is None:
@@ -451,9 +473,9 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
     mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))  # compute dtype
     _check_finite_stats(x, mean, var)
     if fast is None:
-        y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)  # like x
+        y = _activate(_affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape), relu)
     g = np.ones(C, cdt) if gamma is None else gamma
-    cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var)
+    cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var, act=act, beta=beta)
     return y.astype(x.dtype, copy=False), cache
 
 
@@ -491,12 +513,16 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
     fast = None if cache.mask is not None else _kernels(backend, x)
     if fast is not None:
         dx, dgamma, dbeta = fast.backward(dy, x, cache.mean, cache.inv_std, cache.gamma,
-                                          cache.axis, cache.batch_stats)
+                                          cache.axis, cache.batch_stats, beta=cache.beta,
+                                          act=cache.act)
         return dx.astype(cache.out_dtype, copy=False), _cast(dgamma, cdt), _cast(dbeta, cdt)
     _, reduce_axes, bshape = _channel_axes(x, cache.axis)
     acc = _accumulator(cdt)
     dyc = dy.astype(cdt, copy=False)
     x_hat = _normalize(x, cache.mean, cache.inv_std, bshape)                # like x
+    if cache.act == "relu":  # through the ReLU: dy where its input was positive
+        z = _affine(x_hat, cache.gamma, cache.beta, bshape)
+        dyc = np.where(z > 0, dyc, 0).astype(cdt, copy=False)
     dbeta = _cast(dyc.sum(axis=reduce_axes, dtype=acc), cdt)                # (C,)
     dgamma = _cast((dyc * x_hat).sum(axis=reduce_axes, dtype=acc), cdt)     # (C,)
     scale = cache.gamma.reshape(bshape) * cache.inv_std.reshape(bshape)     # (1, C, 1, 1)
@@ -513,10 +539,10 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
 
 
 def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int = 1,
-                         backend: str = "auto"):
+                         backend: str = "auto", act: str = "identity"):
     """Evaluation-mode batch normalization with fixed statistics, and its cache.
 
-        y = gamma * (x - mean) / sqrt(var + eps) + beta
+        y = gamma * (x - mean) / sqrt(var + eps) + beta     (then ReLU with ``act="relu"``)
 
     Shapes and conventions as :func:`batch_norm_forward`; ``mean`` and ``var`` are (C,)
     (typically ``running_mean`` and ``running_var``). Each sample is normalized on its own,
@@ -527,14 +553,15 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int
     mean = _check_channel_vector(mean, "running_mean", C, cdt)
     var = _check_channel_vector(var, "running_var", C, cdt)
     inv_std = inv_std_of(var, eps, cdt)                                         # (C,)
+    relu = _check_act(act)
     xc = x.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
     if fast is not None:
-        y = fast.inference(xc, mean, inv_std, gamma, beta, axis)
+        y = fast.inference(xc, mean, inv_std, gamma, beta, axis, act=act)
     else:
-        y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)
+        y = _activate(_affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape), relu)
     g = np.ones(C, cdt) if gamma is None else gamma
-    cache = BNCache(xc, mean, inv_std, g, axis, False, x.dtype)
+    cache = BNCache(xc, mean, inv_std, g, axis, False, x.dtype, act=act, beta=beta)
     return y.astype(x.dtype, copy=False), cache
 
 

@@ -345,8 +345,82 @@ without BN; {what}; batch {cfg['batch_size']}, plain SGD, {cfg['steps']} steps, 
     return [name, "report.md"]
 
 
+# --- small batches ---------------------------------------------------------------------------
+
+VARIANT_LABELS = {"bn": "BN", "ghost": "ghost BN", "renorm": "batch renorm"}
+VARIANT_COLORS = {"bn": "#ca0020", "ghost": "#f4a582", "renorm": "#0571b0"}
+
+
+def small_batch_table(results) -> str:
+    rows = sorted(results["summary"], key=lambda r: (r["batch_size"], r["variant"]))
+    lines = [f"{'batch':>6s}  {'variant':14s}{'eval accuracy':>18s}{'batch-stats acc.':>20s}"
+             f"{'gap (batch - eval)':>22s}"]
+    for r in rows:
+        lines.append(f"{r['batch_size']:6d}  {VARIANT_LABELS[r['variant']]:14s}"
+                     f"{r['eval_accuracy']:11.4f} ± {r['eval_accuracy_std']:.4f}"
+                     f"{r['batch_stats_accuracy']:13.4f} ± {r['batch_stats_accuracy_std']:.4f}"
+                     f"{r['train_eval_gap']:+15.4f} ± {r['train_eval_gap_std']:.4f}")
+    lines.append(f"mean ± standard deviation over {rows[0]['seeds']} seeds; eval: running "
+                 "statistics; batch-stats: each test mini-batch normalized by its own statistics")
+    return "\n".join(lines)
+
+
+def plot_small_batch(results, path) -> Path:
+    plt = _pyplot()
+    rows = results["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for variant in VARIANT_LABELS:
+        rs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["batch_size"])
+        if not rs:
+            continue
+        b = [r["batch_size"] for r in rs]
+        for ax, key in zip(axes, ("eval_accuracy", "train_eval_gap")):
+            ax.errorbar(b, [r[key] for r in rs], yerr=[r[key + "_std"] for r in rs],
+                        marker="o", capsize=3, label=VARIANT_LABELS[variant],
+                        color=VARIANT_COLORS[variant])
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch_size"] for r in rows}),
+                      [str(b) for b in sorted({r["batch_size"] for r in rows})])
+        ax.set_xlabel("batch size (same samples seen)")
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="test accuracy, evaluation mode", title="Accuracy with running statistics")
+    axes[1].axhline(0, color="black", lw=0.8)
+    axes[1].set(ylabel="accuracy gap (batch stats − eval)",
+                title="Train/eval gap")
+    fig.subplots_adjust(wspace=0.35)
+    axes[0].legend()
+    model = "Paper's MLP" if results["config"].get("model") == "mlp" else "Seed CNN"
+    fig.suptitle(f"{model} on {results['dataset']}, {results['config']['samples']} samples "
+                 f"per run")
+    return save_figure(fig, path)
+
+
+def _report_small_batch(results, folder):
+    plot_small_batch(results, folder / "small_batch.png")
+    cfg = results["config"]
+    write_text(folder / "report.md", f"""# Small batches: BN, ghost BN and batch renorm ({results['dataset']})
+
+Command: `{_command(results)}`
+
+The {"paper's MLP" if cfg.get("model") == "mlp" else "seed CNN"} trained on {cfg['samples']} samples at each batch size (plain SGD, learning
+rate {cfg['lr32']} × batch/32), seeds {list(cfg['seeds'])}. Ghost BN normalizes over
+virtual batches of {cfg['virtual_batch_size']}; batch renorm uses rmax {cfg['rmax']}, dmax
+{cfg['dmax']}. Evaluation mode uses the running statistics; "batch-stats" normalizes each
+test mini-batch of the training batch size by its own statistics.
+
+```
+{small_batch_table(results)}
+```
+
+![small batches](small_batch.png)
+""")
+    return ["small_batch.png", "report.md"]
+
+
 WRITERS = {"compare": _report_compare, "train": _report_train, "fig1": _report_fig1,
-           "lr-sweep": _report_sweep, "init-sweep": _report_sweep}
+           "lr-sweep": _report_sweep, "init-sweep": _report_sweep,
+           "small-batch": _report_small_batch}
 
 
 def write_report(results: dict, folder) -> list[str]:
@@ -367,6 +441,8 @@ def summary(results: dict) -> str:
         return fig1_tables(results)
     if experiment in ("lr-sweep", "init-sweep"):
         return sweep_table(results)
+    if experiment == "small-batch":
+        return small_batch_table(results)
     (name, run), = results["runs"].items()
     return f"{name}: final test accuracy {run['test_accuracy'][-1]:.4f}"
 

@@ -5,6 +5,9 @@
   50th and 85th percentiles of one sigmoid input of the last hidden layer during training.
 * ``lr-sweep``: final test accuracy over learning rates, sigmoid and ReLU, with and without BN.
 * ``init-sweep``: the same over initial weight scales.
+* ``small-batch``: why the BN variants exist: the seed CNN at batch sizes 2 to 32 (the same
+  samples seen) with BN, ghost BN and batch renorm, several seeds; accuracy in evaluation
+  mode, with batch statistics, and the gap.
 
 Each writes ``results.json``, PNG figures and ``report.md`` into a run folder;
 ``bnlab report RUN_DIR`` rebuilds figures and report from ``results.json``.
@@ -176,3 +179,124 @@ def run_lr_sweep(config: LrSweepConfig, out=None, progress=True, print_fn=print)
 def run_init_sweep(config: InitSweepConfig, out=None, progress=True, print_fn=print) -> dict:
     return _sweep("init-sweep", config, config.weight_stds, "weight_std", out, progress, print_fn)
 
+
+
+# --- small batches: why the BN variants exist ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmallBatchConfig:
+    dataset: str = "mnist-5k"
+    model: str = "cnn"           # "cnn": the seed CNN; "mlp": the paper's MLP (BatchNorm1d)
+    batch_sizes: tuple = (2, 4, 8, 32)
+    variants: tuple = ("bn", "ghost", "renorm")
+    seeds: tuple = (0, 1, 2)
+    samples: int = 8000          # training samples seen per run, whatever the batch size
+    lr32: float = 0.1            # SGD learning rate at batch 32, scaled linearly with the batch
+    virtual_batch_size: int = 2  # ghost BN: statistics over 2 samples at every batch size
+    rmax: float = 3.0            # batch renorm's limits (the paper's final values)
+    dmax: float = 5.0
+
+
+from ..report import VARIANT_LABELS  # noqa: E402
+
+
+def with_variant(model: nn.Sequential, variant: str, config: SmallBatchConfig) -> nn.Sequential:
+    """``model`` with every BatchNorm1d/2d replaced (in place) by the variant's layer, same
+    parameters and state."""
+    if variant == "bn":
+        return model
+    for name, layer in list(model._modules.items()):
+        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            two_d = isinstance(layer, nn.BatchNorm2d)
+            if variant == "ghost":
+                cls = nn.GhostBatchNorm2d if two_d else nn.GhostBatchNorm1d
+                new = cls(layer.num_features, config.virtual_batch_size, layer.eps,
+                          layer.momentum)
+            elif variant == "renorm":
+                cls = nn.BatchRenorm2d if two_d else nn.BatchRenorm1d
+                new = cls(layer.num_features, layer.eps, layer.momentum, rmax=config.rmax,
+                          dmax=config.dmax)
+            else:
+                raise ValueError(f"variant must be one of {sorted(VARIANT_LABELS)}, got "
+                                 f"{variant!r}")
+            new.weight.data[...] = layer.weight.data
+            new.bias.data[...] = layer.bias.data
+            model._modules[name] = new
+            object.__setattr__(model, name, new)
+    return model
+
+
+def batch_statistics_accuracy(model: nn.Sequential, data, batch_size: int) -> float:
+    """Test accuracy with each test mini-batch of ``batch_size`` normalized by its own
+    statistics (training-mode BN), on a copy: the running statistics are not touched."""
+    import copy
+
+    from ..data import iterate_batches
+
+    net = copy.deepcopy(model).train()
+    images, labels = data.test
+    correct = total = 0
+    with np.errstate(all="ignore"):
+        for xb, yb in iterate_batches(images, labels, batch_size, shuffle=True,
+                                      drop_last=True, rng=0):
+            correct += int((net(xb).argmax(axis=1) == yb).sum())
+            total += len(yb)
+    return correct / total
+
+
+def run_small_batch(config: SmallBatchConfig, out=None, progress: bool = True,
+                    print_fn=print) -> dict:
+    """The seed CNN (or the paper's MLP) on the embedded digits at each batch size (the same
+    number of samples seen), with BN, ghost BN and batch renorm, several seeds: test
+    accuracy in evaluation mode (running statistics), with batch statistics, and their
+    gap."""
+    data = datasets.load(config.dataset)
+    C, S, _ = data.image_shape
+    runs = []
+    grid = [(v, b, s) for b in config.batch_sizes for v in config.variants for s in config.seeds]
+    for i, (variant, batch, seed) in enumerate(grid, 1):
+        if variant == "ghost" and batch % config.virtual_batch_size:
+            raise ValueError(f"batch size {batch} is not a multiple of the ghost batches' "
+                             f"virtual_batch_size={config.virtual_batch_size}")
+        if config.model == "cnn":
+            net = models.seed_cnn(in_channels=C, image_size=S, num_classes=data.num_classes,
+                                  seed=seed)
+        elif config.model == "mlp":
+            net = models.paper_mlp(in_features=C * S * S, num_classes=data.num_classes,
+                                   seed=seed)
+        else:
+            raise ValueError(f'model must be "cnn" or "mlp", got {config.model!r}')
+        model = with_variant(net, variant, config)
+        steps = config.samples // batch
+        lr = config.lr32 * batch / 32
+        hist = fit(model, data, steps=steps, lr=lr, batch_size=batch, seed=seed,
+                   eval_every=steps, progress=progress,
+                   desc=f"small-batch {i}/{len(grid)}: {VARIANT_LABELS[variant]}, batch "
+                        f"{batch}, seed {seed}")
+        batch_acc = batch_statistics_accuracy(model, data, batch)
+        runs.append({"variant": variant, "batch_size": batch, "seed": seed, "lr": lr,
+                     "steps": steps, "eval_accuracy": hist.test_accuracy[-1],
+                     "eval_loss": hist.test_loss[-1], "batch_stats_accuracy": batch_acc,
+                     "train_eval_gap": batch_acc - hist.test_accuracy[-1],
+                     "diverged": hist.diverged, "seconds": hist.seconds})
+    results = {"experiment": "small-batch", "dataset": data.name, "config": asdict(config),
+               "runs": runs, "summary": summarize_small_batch(runs),
+               "environment": environment()}
+    return finish(results, out, "small-batch", print_fn)
+
+
+def summarize_small_batch(runs) -> list[dict]:
+    """Mean and standard deviation over seeds per (variant, batch size)."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["variant"], r["batch_size"]), []).append(r)
+    rows = []
+    for (variant, batch), rs in groups.items():
+        row = {"variant": variant, "batch_size": batch, "seeds": len(rs)}
+        for key in ("eval_accuracy", "batch_stats_accuracy", "train_eval_gap"):
+            v = np.array([r[key] for r in rs])
+            row[key] = float(v.mean())
+            row[key + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        rows.append(row)
+    return rows

@@ -68,6 +68,18 @@ def _combine(S, Q, shift, m, eps):
     return mean, var, 1.0 / np.sqrt(var + eps)
 
 
+@njit(inline="always")
+def _act(v, relu):
+    """The activation after BN: identity, or ReLU (NaN stays NaN, as torch's)."""
+    return v - v if relu and v < 0 else v  # v - v: +0.0 in v's type
+
+
+@njit(inline="always")
+def _gate(g, xv, mu, za, zb, relu):
+    """dy through the activation: 0 where ReLU's input (x - mu) * za + zb is not > 0."""
+    return g - g if relu and not (xv - mu) * za + zb > 0 else g
+
+
 @njit(cache=True)
 def _dx_coefficients(dbeta, dgamma, inv_std, gamma, m, batch_stats):
     """dx = A * dy + B * (x - mean) + D per channel (see batch_norm_backward's formula)."""
@@ -104,10 +116,10 @@ def _cf_sums(x):
 
 
 @njit(cache=True, fastmath=_FM)  # calls the parallel passes
-def _cf_forward(x, gamma, beta, eps, out):
+def _cf_forward(x, gamma, beta, eps, out, relu):
     S, Q, shift = _cf_sums(x)
     mean, var, inv_std = _combine(S, Q, shift, x.shape[0] * x.shape[2], eps)
-    _cf_normalize(x, mean, inv_std, gamma, beta, out)
+    _cf_normalize(x, mean, inv_std, gamma, beta, out, relu)
     return mean, var, inv_std
 
 
@@ -119,8 +131,8 @@ def _cf_moments(x):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cf_normalize(x, mean, inv_std, gamma, beta, out):
-    """out = (x - mean) * (gamma * inv_std) + beta, in x's precision."""
+def _cf_normalize(x, mean, inv_std, gamma, beta, out, relu):
+    """out = act((x - mean) * (gamma * inv_std) + beta), in x's precision."""
     N, C, L = x.shape
     for t in prange(N * C):
         n, c = t // C, t % C
@@ -128,12 +140,13 @@ def _cf_normalize(x, mean, inv_std, gamma, beta, out):
         a = x.dtype.type(gamma[c] * inv_std[c])
         b = x.dtype.type(beta[c])
         for i in range(L):
-            out[n, c, i] = (x[n, c, i] - mu) * a + b
+            out[n, c, i] = _act((x[n, c, i] - mu) * a + b, relu)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cf_grad_sums(x, dy, mean):
-    """sum(dy) and sum(dy * (x - mean)) per channel, float64 (C,) each."""
+def _cf_grad_sums(x, dy, mean, za, zb, relu):
+    """sum(g) and sum(g * (x - mean)) per channel, float64 (C,) each; g = dy, or with
+    ``relu`` dy gated by the ReLU after BN (input (x - mean) * za + zb)."""
     N, C, L = x.shape
     S = np.empty((N, C))
     P = np.empty((N, C))
@@ -143,7 +156,7 @@ def _cf_grad_sums(x, dy, mean):
         s = 0.0
         p = 0.0
         for i in range(L):
-            g = np.float64(dy[n, c, i])
+            g = _gate(np.float64(dy[n, c, i]), np.float64(x[n, c, i]), mu, za[c], zb[c], relu)
             s += g
             p += g * (np.float64(x[n, c, i]) - mu)
         S[n, c] = s
@@ -152,25 +165,30 @@ def _cf_grad_sums(x, dy, mean):
 
 
 @njit(cache=True, fastmath=_FM)  # calls the parallel passes
-def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out):
-    dbeta, p = _cf_grad_sums(x, dy, mean)
+def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out, beta, relu):
+    za = gamma * inv_std
+    dbeta, p = _cf_grad_sums(x, dy, mean, za, beta, relu)
     dgamma = p * inv_std
     A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, x.shape[0] * x.shape[2],
                                batch_stats)
-    _cf_dx(x, dy, mean, A, B, D, out)
+    _cf_dx(x, dy, mean, A, B, D, out, za, beta, relu)
     return dgamma, dbeta
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cf_dx(x, dy, mean, A, B, D, out):
-    """out = A * dy + B * (x - mean) + D, in x's precision."""
+def _cf_dx(x, dy, mean, A, B, D, out, za, zb, relu):
+    """out = A * g + B * (x - mean) + D, in x's precision (g: dy, gated as in
+    :func:`_cf_grad_sums`)."""
     N, C, L = x.shape
     for t in prange(N * C):
         n, c = t // C, t % C
         mu = x.dtype.type(mean[c])
         a, b, d = x.dtype.type(A[c]), x.dtype.type(B[c]), x.dtype.type(D[c])
+        za_, zb_ = x.dtype.type(za[c]), x.dtype.type(zb[c])
         for i in range(L):
-            out[n, c, i] = a * dy[n, c, i] + b * (x[n, c, i] - mu) + d
+            xv = x[n, c, i]
+            g = _gate(dy[n, c, i], xv, mu, za_, zb_, relu)
+            out[n, c, i] = a * g + b * (xv - mu) + d
 
 
 # --- channels-last (M, C) ------------------------------------------------------------------
@@ -218,10 +236,10 @@ def _cl_sums(x, rb, cb):
 
 
 @njit(cache=True, fastmath=_FM)  # calls the parallel passes
-def _cl_forward(x, gamma, beta, eps, out, rb, cb):
+def _cl_forward(x, gamma, beta, eps, out, relu, rb, cb):
     S, Q, shift = _cl_sums(x, rb, cb)
     mean, var, inv_std = _combine(S, Q, shift, x.shape[0], eps)
-    _cl_normalize(x, mean, inv_std, gamma, beta, out, rb, cb)
+    _cl_normalize(x, mean, inv_std, gamma, beta, out, relu, rb, cb)
     return mean, var, inv_std
 
 
@@ -233,8 +251,8 @@ def _cl_moments(x, rb, cb):
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cl_normalize(x, mean, inv_std, gamma, beta, out, rb, cb):
-    """out = (x - mean) * (gamma * inv_std) + beta, in x's precision."""
+def _cl_normalize(x, mean, inv_std, gamma, beta, out, relu, rb, cb):
+    """out = act((x - mean) * (gamma * inv_std) + beta), in x's precision."""
     M, C = x.shape
     mu = mean.astype(x.dtype)
     a = (gamma * inv_std).astype(x.dtype)
@@ -245,25 +263,30 @@ def _cl_normalize(x, mean, inv_std, gamma, beta, out, rb, cb):
         for r in range(r0, r1):
             xr, yr = x[r, c0:c1], out[r, c0:c1]
             for c in range(xr.shape[0]):
-                yr[c] = (xr[c] - mu_[c]) * a_[c] + b_[c]
+                yr[c] = _act((xr[c] - mu_[c]) * a_[c] + b_[c], relu)
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cl_grad_sums(x, dy, mean, rb, cb):
-    """sum(dy) and sum(dy * (x - mean)) per channel, float64 (C,) each."""
+def _cl_grad_sums(x, dy, mean, za, zb, relu, rb, cb):
+    """sum(g) and sum(g * (x - mean)) per channel, float64 (C,) each (g: dy, gated as in
+    :func:`_cf_grad_sums`)."""
     M, C = x.shape
     S = np.zeros((rb, C))
     P = np.zeros((rb, C))
     for t in prange(rb * cb):
         i, r0, r1, c0, c1 = _tile(t, cb, M, C, rb)
         s, p, mu = S[i, c0:c1], P[i, c0:c1], mean[c0:c1]
+        za_, zb_ = za[c0:c1], zb[c0:c1]
         r = r0
         while r + 4 <= r1:  # as in _cl_forward
             x0, x1, x2, x3 = x[r, c0:c1], x[r + 1, c0:c1], x[r + 2, c0:c1], x[r + 3, c0:c1]
             g0, g1, g2, g3 = dy[r, c0:c1], dy[r + 1, c0:c1], dy[r + 2, c0:c1], dy[r + 3, c0:c1]
             for c in range(x0.shape[0]):
-                a0, a1 = np.float64(g0[c]), np.float64(g1[c])
-                a2, a3 = np.float64(g2[c]), np.float64(g3[c])
+                m, u, v = mu[c], za_[c], zb_[c]
+                a0 = _gate(np.float64(g0[c]), np.float64(x0[c]), m, u, v, relu)
+                a1 = _gate(np.float64(g1[c]), np.float64(x1[c]), m, u, v, relu)
+                a2 = _gate(np.float64(g2[c]), np.float64(x2[c]), m, u, v, relu)
+                a3 = _gate(np.float64(g3[c]), np.float64(x3[c]), m, u, v, relu)
                 s[c] += (a0 + a1) + (a2 + a3)
                 p[c] += ((a0 * (np.float64(x0[c]) - mu[c]) + a1 * (np.float64(x1[c]) - mu[c]))
                          + (a2 * (np.float64(x2[c]) - mu[c]) + a3 * (np.float64(x3[c]) - mu[c])))
@@ -271,34 +294,39 @@ def _cl_grad_sums(x, dy, mean, rb, cb):
         for r in range(r, r1):
             xr, gr = x[r, c0:c1], dy[r, c0:c1]
             for c in range(xr.shape[0]):
-                g = np.float64(gr[c])
+                g = _gate(np.float64(gr[c]), np.float64(xr[c]), mu[c], za_[c], zb_[c], relu)
                 s[c] += g
                 p[c] += g * (np.float64(xr[c]) - mu[c])
     return S.sum(axis=0), P.sum(axis=0)
 
 
 @njit(cache=True, fastmath=_FM)  # calls the parallel passes
-def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, rb, cb):
-    dbeta, p = _cl_grad_sums(x, dy, mean, rb, cb)
+def _cl_backward(x, dy, mean, inv_std, gamma, batch_stats, out, beta, relu, rb, cb):
+    za = gamma * inv_std
+    dbeta, p = _cl_grad_sums(x, dy, mean, za, beta, relu, rb, cb)
     dgamma = p * inv_std
     A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, x.shape[0], batch_stats)
-    _cl_dx(x, dy, mean, A, B, D, out, rb, cb)
+    _cl_dx(x, dy, mean, A, B, D, out, za, beta, relu, rb, cb)
     return dgamma, dbeta
 
 
 @njit(parallel=True, cache=True, fastmath=_FM)
-def _cl_dx(x, dy, mean, A, B, D, out, rb, cb):
-    """out = A * dy + B * (x - mean) + D, in x's precision."""
+def _cl_dx(x, dy, mean, A, B, D, out, za, zb, relu, rb, cb):
+    """out = A * g + B * (x - mean) + D, in x's precision (g: dy, gated as in
+    :func:`_cf_grad_sums`)."""
     M, C = x.shape
     mu = mean.astype(x.dtype)
     A, B, D = A.astype(x.dtype), B.astype(x.dtype), D.astype(x.dtype)
+    za, zb = za.astype(x.dtype), zb.astype(x.dtype)
     for t in prange(rb * cb):
         _, r0, r1, c0, c1 = _tile(t, cb, M, C, rb)
         mu_, A_, B_, D_ = mu[c0:c1], A[c0:c1], B[c0:c1], D[c0:c1]
+        za_, zb_ = za[c0:c1], zb[c0:c1]
         for r in range(r0, r1):
             xr, gr, dr = x[r, c0:c1], dy[r, c0:c1], out[r, c0:c1]
             for c in range(xr.shape[0]):
-                dr[c] = A_[c] * gr[c] + B_[c] * (xr[c] - mu_[c]) + D_[c]
+                g = _gate(gr[c], xr[c], mu_[c], za_[c], zb_[c], relu)
+                dr[c] = A_[c] * g + B_[c] * (xr[c] - mu_[c]) + D_[c]
 
 
 # --- dispatch (called by bnlab.functional with validated float32/float64 arrays) -----------
@@ -389,40 +417,56 @@ def _out(out, v):
     return out.reshape(v.shape)
 
 
-def train_forward(x, gamma, beta, eps: float, axis: int, out=None, threads=Threads()):
+ACTS = ("identity", "relu")  # activations fused into the passes (BatchNormAct2d)
+
+
+def _relu(act: str) -> bool:
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    return act == "relu"
+
+
+def train_forward(x, gamma, beta, eps: float, axis: int, out=None, threads=Threads(),
+                  act: str = "identity"):
     """y, mean, biased var, inv_std for x with channels on ``axis``; statistics float64 (C,).
 
     ``out``: where to write y (see :func:`_out`); y is returned in x's shape either way.
     ``threads``: the caller's :class:`Threads` policy (the same for every function here).
+    ``act``: "identity" or "relu", applied to y in the same pass (BN followed by ReLU).
     """
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
     out = _out(out, v)
     mean, var, inv_std = _call(v, last, threads, _cl_forward, _cf_forward, g, b, float(eps),
-                               out)
+                               out, _relu(act))
     return out.reshape(x.shape), mean, var, inv_std
 
 
-def inference(x, mean, inv_std, gamma, beta, axis: int, out=None, threads=Threads()):
-    """y = gamma * (x - mean) * inv_std + beta, one pass (inv_std = 1/sqrt(var + eps))."""
+def inference(x, mean, inv_std, gamma, beta, axis: int, out=None, threads=Threads(),
+              act: str = "identity"):
+    """y = act(gamma * (x - mean) * inv_std + beta), one pass (inv_std = 1/sqrt(var + eps))."""
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = _out(out, v)
-    _call(v, last, threads, _cl_normalize, _cf_normalize, mean, inv_std, g, b, out)
+    _call(v, last, threads, _cl_normalize, _cf_normalize, mean, inv_std, g, b, out, _relu(act))
     return out.reshape(x.shape)
 
 
 def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool, out=None,
-             threads=Threads()):
-    """dx, dgamma, dbeta; the formula is :func:`bnlab.functional.batch_norm_backward`'s."""
+             threads=Threads(), beta=None, act: str = "identity"):
+    """dx, dgamma, dbeta; the formula is :func:`bnlab.functional.batch_norm_backward`'s.
+
+    ``act="relu"``: the gradient of ReLU(BN(x)) (``beta`` needed): dy is zeroed where the
+    ReLU's input was not positive, recomputed from x in both passes (no saved output read).
+    """
     v, last = _view(x, axis)
     d, _ = _view(dy.astype(x.dtype, copy=False), axis)
-    g, _ = _params(gamma, None, v.shape[1])
+    g, b = _params(gamma, beta, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = _out(out, v)
     dgamma, dbeta = _call(v, last, threads, _cl_backward, _cf_backward, d, mean, inv_std, g,
-                          batch_stats, out)
+                          batch_stats, out, b, _relu(act))
     return out.reshape(x.shape), dgamma, dbeta
 
 
@@ -441,7 +485,9 @@ def grad_sums(dy, x, mean, axis: int, threads=Threads()):
     of :func:`backward`."""
     v, last = _view(x, axis)
     d, _ = _view(dy.astype(x.dtype, copy=False), axis)
-    return _call(v, last, threads, _cl_grad_sums, _cf_grad_sums, d, mean.astype(np.float64))
+    C = v.shape[1]
+    return _call(v, last, threads, _cl_grad_sums, _cf_grad_sums, d, mean.astype(np.float64),
+                 np.ones(C), np.zeros(C), False)
 
 
 def dx_from_sums(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xmu, count: int, axis: int,
@@ -456,5 +502,7 @@ def dx_from_sums(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xmu, count: int, ax
                                np.asarray(sum_dy_xmu, np.float64) * inv_std, inv_std, g,
                                count, True)
     out = _out(out, v)
-    _call(v, last, threads, _cl_dx, _cf_dx, d, mean, A, B, D, out)
+    C = v.shape[1]
+    _call(v, last, threads, _cl_dx, _cf_dx, d, mean, A, B, D, out, np.ones(C), np.zeros(C),
+          False)
     return out.reshape(x.shape)

@@ -38,6 +38,7 @@ class _BatchNorm(Module):
 
     _ranks: tuple[int, ...] = ()
     _rank_text = ""
+    act = "identity"  # BatchNormAct2d: the activation fused after BN
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, dtype=np.float32,
@@ -92,7 +93,8 @@ class _BatchNorm(Module):
         gamma = None if self.weight is None else self.weight.data
         beta = None if self.bias is None else self.bias.data
         if self.training or self.running_mean is None:
-            y, cache = F.batch_norm_forward(x, gamma, beta, self.eps, self.axis, mask=mask)
+            y, cache = F.batch_norm_forward(x, gamma, beta, self.eps, self.axis, mask=mask,
+                                            act=self.act)
             if self.training and self.running_mean is not None:
                 self.num_batches_tracked += 1
                 momentum = (1.0 / self.num_batches_tracked if self.momentum is None
@@ -102,7 +104,7 @@ class _BatchNorm(Module):
                                        cache.var, m, momentum)
         else:
             y, cache = F.batch_norm_inference(x, self.running_mean, self.running_var,
-                                              gamma, beta, self.eps, self.axis)
+                                              gamma, beta, self.eps, self.axis, act=self.act)
         self._cache = cache
         return y
 

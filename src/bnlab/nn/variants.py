@@ -157,6 +157,29 @@ class BatchRenorm2d(_Renorm, BatchNorm2d):
         self._init_renorm(rmax, dmax, renorm_momentum, dtype)
 
 
+class BatchNormAct2d(BatchNorm2d):
+    """BN followed by an activation, in one fused kernel pass forward and backward (timm's
+    module name): ``y = act(BN(x))``, the same results as BatchNorm2d then the activation.
+    ``act``: "relu" (default) or "identity". Other arguments as :class:`BatchNorm2d`.
+
+    The fused backward recomputes the activation's input from x (no extra pass over memory),
+    so BN+ReLU costs what BN costs (measured in ``bnlab bench``).
+
+    Example:
+        >>> layer = BatchNormAct2d(16)      # replaces BatchNorm2d(16) followed by ReLU()
+    """
+
+    def __init__(self, num_features, act: str = "relu", eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32, data_format: str = "NCHW"):
+        F._check_act(act)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
+                         data_format)
+        self.act = act
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act!r}"
+
+
 class FrozenBatchNorm2d(Module):
     """BN with fixed statistics and parameters (torchvision's ``FrozenBatchNorm2d``):
     ``weight``, ``bias``, ``running_mean``, ``running_var`` are buffers, nothing learns, and

@@ -5,7 +5,7 @@
 * :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of torch's.
 * :class:`SyncBatchNorm`: statistics over every process of a torch.distributed group.
 * the BN family (:mod:`bnlab.torch.variants`): :class:`GhostBatchNorm1d`/``2d``,
-  :class:`BatchRenorm1d`/``2d``,
+  :class:`BatchRenorm1d`/``2d``, :class:`BatchNormAct2d`,
   :class:`FrozenBatchNorm2d` and :func:`freeze`, :func:`fold_batchnorm`, :func:`recalibrate`.
 * :func:`batch_norm`: ``torch.nn.functional.batch_norm`` with ``backend=``.
 * :func:`convert` / :func:`revert`; :mod:`bnlab.torch.models`.
@@ -24,10 +24,11 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert, revert
 from .functional import BACKENDS, batch_norm
 from .sync import SyncBatchNorm
-from .variants import (BatchRenorm1d, BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm1d,
+from .variants import (BatchNormAct2d, BatchRenorm1d, BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm1d,
                        GhostBatchNorm2d, fold_batchnorm, freeze, recalibrate)
 
-__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchRenorm1d",
+__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d",
+           "BatchRenorm1d",
            "BatchRenorm2d", "FrozenBatchNorm2d",
            "GhostBatchNorm1d", "GhostBatchNorm2d", "SyncBatchNorm", "batch_norm", "convert",
            "fold_batchnorm", "freeze", "models", "recalibrate", "revert"]

@@ -426,6 +426,50 @@ class EvalFunction(torch.autograd.Function):
         return (*_eval_grads(ctx, dy, ctx.engine.backward), None)
 
 
+class ActFunction(torch.autograd.Function):
+    """BN followed by an activation in the numba kernels' fused passes (``act`` "relu" or
+    "identity"; BatchNormAct2d): training (batch statistics, running statistics updated
+    as :func:`update_impl`) or evaluation (given statistics). Eager mode, CPU float32/64."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, nbt, eps, momentum, training,
+                act):
+        fmt = memory_format(x)
+        xv, axis = _as_numpy(x, fmt)
+        y, yv = _output(x, fmt)
+        w, b = _vec(weight), _vec(bias)
+        if training:
+            _, mean, var, inv_std = _numba().train_forward(xv, w, b, eps, axis, out=yv,
+                                                           threads=_threads(), act=act)
+            mean, var, inv_std = (torch.from_numpy(a) for a in (mean, var, inv_std))
+            if running_mean is not None:
+                update_impl(running_mean, running_var, nbt, mean, var, count_per_channel(x),
+                            momentum)
+        else:
+            inv_std = torch.from_numpy(F.inv_std_of(_vec(running_var), eps, np.float64))
+            mean = running_mean.detach().to(_F64, copy=True)
+            _numba().inference(xv, mean.numpy(), inv_std.numpy(), w, b, axis, out=yv,
+                               threads=_threads(), act=act)
+        ctx.save_for_backward(x, weight, bias, mean, inv_std)
+        ctx.training, ctx.act = training, act
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, inv_std = ctx.saved_tensors
+        fmt = memory_format(x)
+        xv, axis = _as_numpy(x, fmt)
+        dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
+        dx, dxv = _output(x, fmt)
+        _, dgamma, dbeta = _numba().backward(dyv, xv, mean.numpy(), inv_std.numpy(),
+                                             _vec(weight), axis, ctx.training, out=dxv,
+                                             threads=_threads(), beta=_vec(bias), act=ctx.act)
+        dw = None if weight is None else torch.from_numpy(dgamma).to(weight.dtype)
+        db = None if bias is None else torch.from_numpy(dbeta).to(bias.dtype)
+        return dx, dw, db, None, None, None, None, None, None, None
+
+
 def count_per_channel(x: Tensor) -> int:
     """m, the number of values per channel."""
     return x.numel() // x.shape[1]

@@ -165,6 +165,48 @@ class BatchRenorm2d(_Renorm, _BatchNorm, torch.nn.BatchNorm2d):
         self._init_renorm(rmax, dmax, renorm_momentum)
 
 
+# --- BN + activation ---------------------------------------------------------------------------
+
+
+class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` followed by an activation (``act``: "relu" or "identity"),
+    fused into the numba kernels' passes on CPU float32/float64 tensors in eager mode
+    (:class:`bnlab.torch._ops.ActFunction`); elsewhere (CUDA, ``torch.compile``, other
+    dtypes) bnlab's BN then ``torch.relu``. timm's module name; state dict as BatchNorm2d's.
+
+    Example:
+        >>> layer = BatchNormAct2d(16)      # replaces BatchNorm2d(16) followed by ReLU()
+    """
+
+    def __init__(self, num_features, act: str = "relu", eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        BF._check_act(act)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype)
+        self.act = act
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        bn_training = self.training or self.running_mean is None
+        update = self.training and self.track_running_stats
+        rm = self.running_mean if not self.training or self.track_running_stats else None
+        rv = self.running_var if not self.training or self.track_running_stats else None
+        engine = F.kernel_engine(self.backend, input, rm, rv, self.weight, self.bias,
+                                 bn_training)
+        if engine != "numba" or torch.compiler.is_compiling():
+            y = super().forward(input)
+            return torch.relu(y) if self.act == "relu" else y
+        if bn_training:
+            F._verify_batch_size(input)
+        nbt = self.num_batches_tracked if update else None
+        momentum = self.momentum if self.momentum is not None or nbt is not None else 0.0
+        return _ops.ActFunction.apply(input, self.weight, self.bias, rm, rv, nbt, self.eps,
+                                      momentum, bn_training, self.act)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act!r}"
+
+
 # --- frozen BN --------------------------------------------------------------------------------
 
 
