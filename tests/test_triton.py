@@ -232,3 +232,45 @@ def test_kernels_compile_for_an_h100_with_vector_loads():
             assert r["ld_v4"] > 0 and r["st_v4"] > 0, r
         if r["kernel"] in ("_stats_kernel", "_grad_sums_kernel"):
             assert r["ld_v4"] > 0, r
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_batch_norm_act_fused_in_the_triton_kernels(fmt):
+    """BatchNormAct2d with backend="triton": ReLU in the normalize pass, dy gated in both
+    backward passes; equal to torch's BatchNorm2d then ReLU (train and eval)."""
+    torch.manual_seed(0)
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    ours = bt.BatchNormAct2d(3)
+    ours.load_state_dict(ref.state_dict())
+    ours.backend = "triton"
+    calls = []
+    real = tb.train_forward
+    tb_train = lambda *a, **k: calls.append(a[-1] if len(a) > 8 else k.get("act")) or real(*a, **k)  # noqa: E731
+    import unittest.mock
+    with unittest.mock.patch.object(tb, "train_forward", tb_train):
+        for _ in range(2):
+            x = (0.3 + torch.randn(5, 3, 4, 6)).contiguous(memory_format=fmt)
+            dy = torch.randn(5, 3, 4, 6)
+            xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y_ref = torch.relu(ref(xr))
+            y_ref.backward(dy)
+            y = ours(xo)
+            y.backward(dy)
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(xo.grad, xr.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours.running_var, ref.running_var)
+            ours.weight.grad = ours.bias.grad = ref.weight.grad = ref.bias.grad = None
+    assert calls == ["relu", "relu"]  # the fused Triton path ran
+    ours.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 4, 6, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y = ours(x)
+    y.sum().backward()
+    torch.relu(ref(xr)).sum().backward()
+    torch.testing.assert_close(y, torch.relu(ref(xr.detach())), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-6)

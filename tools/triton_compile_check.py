@@ -79,7 +79,8 @@ def _specialize(fn, args, meta):
 
 def launches(cases, multiprocessors: int):
     """Every kernel launch of a training step (forward with the update, backward) and an
-    evaluation step (forward, backward) for each case: [(case, fn, grid, args, meta)]."""
+    evaluation step (forward, backward) for each case, without and with the fused ReLU:
+    [(case, fn, grid, args, meta)]."""
     import torch
 
     from bnlab.kernels import triton_bn as tb
@@ -102,10 +103,11 @@ def launches(cases, multiprocessors: int):
             w, b, rm, rv = (torch.empty(C, device="meta") for _ in range(4))
             nbt = torch.empty((), dtype=torch.long, device="meta")
             calls.clear()
-            _, mean, var, inv_std = tb.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1)
-            tb.backward(x, x, mean, inv_std, w, True)
-            _, mean, inv_std = tb.inference(x, rm, rv, w, b, 1e-5)
-            tb.backward(x, x, mean, inv_std, w, False)
+            for act in ("identity", "relu"):  # BN, and BatchNormAct2d's fused ReLU
+                _, mean, var, inv_std = tb.train_forward(x, w, b, 1e-5, rm, rv, nbt, 0.1, act)
+                tb.backward(x, x, mean, inv_std, w, True, b, act)
+                _, mean, inv_std = tb.inference(x, rm, rv, w, b, 1e-5, act)
+                tb.backward(x, x, mean, inv_std, w, False, b, act)
             tb.update_running_stats(rm, rv, nbt, mean, var, 100, 0.1)
             out += [(case, *call) for call in calls]
     finally:

@@ -131,6 +131,31 @@ def _split(mean):
 
 
 @triton.jit
+def _gate(dy, x, hi, lo, za, zb, RELU: tl.constexpr):
+    """dy through the activation after BN: with RELU, 0 where its input
+    ((x - hi) - lo) * za + zb was not positive (recomputed from x: no saved output read)."""
+    if RELU:
+        dy = tl.where(((x - hi) - lo) * za + zb > 0, dy, 0.0)
+    return dy
+
+
+@triton.jit
+def _act_input(inv_std_ptr, w_ptr, b_ptr, cc, c_mask, RELU: tl.constexpr, HAS_W: tl.constexpr,
+               HAS_B: tl.constexpr):
+    """za = w * inv_std and zb = b ([1, BC, 1] each): the activation's input is
+    (x - mean) * za + zb (only read with RELU)."""
+    za = tl.zeros(cc.shape, dtype=tl.float32)
+    zb = tl.zeros(cc.shape, dtype=tl.float32)
+    if RELU:
+        za = tl.load(inv_std_ptr + cc, mask=c_mask, other=0.0)
+        if HAS_W:
+            za = za * tl.load(w_ptr + cc, mask=c_mask, other=1.0).to(tl.float32)
+        if HAS_B:
+            zb = tl.load(b_ptr + cc, mask=c_mask, other=0.0).to(tl.float32)
+    return za[None, :, None], zb[None, :, None]
+
+
+@triton.jit
 def _finite(v):
     return tl.abs(v) < float("inf")  # False for NaN and +-inf
 
@@ -220,8 +245,9 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
                       BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
                       INT64: tl.constexpr, PB: tl.constexpr, BADB: tl.constexpr,
                       MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      UPDATE: tl.constexpr, HAS_NBT: tl.constexpr):
-    """y = (x - mean) * (w * inv_std) + b over part p's tiles, inv_std = 1 / sqrt(var + eps).
+                      UPDATE: tl.constexpr, HAS_NBT: tl.constexpr, RELU: tl.constexpr):
+    """y = (x - mean) * (w * inv_std) + b over part p's tiles, inv_std = 1 / sqrt(var + eps);
+    with RELU, max(y, 0) in the same pass (BatchNormAct2d).
 
     MODE 0 (training, few parts): mean and biased var from the partial sums (over m values
     per channel); the first part of each channel block stores them (_store_stats, with the
@@ -256,6 +282,8 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
         offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
         x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         y = ((x - hi3) - lo3) * scale3 + beta3
+        if RELU:
+            y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
         tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
     if p == 0:
         if MODE == 0:
@@ -292,22 +320,27 @@ def _update_kernel(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, momentum, unbi
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
-def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, N, C, L, sN, sC, sL, TL, T, P,
+def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, inv_std_ptr, w_ptr, b_ptr,
+                      N, C, L, sN, sC, sL, TL, T, P,
                       BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
-                      INT64: tl.constexpr):
-    """Partial sums: part[0, p, c] = sum(dy), part[1, p, c] = sum(dy * (x - mean))."""
+                      INT64: tl.constexpr, RELU: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr):
+    """Partial sums: part[0, p, c] = sum(dy), part[1, p, c] = sum(dy * (x - mean)); with
+    RELU, dy gated by the ReLU after BN (:func:`_gate`)."""
     c_block = tl.program_id(0)
     p = tl.program_id(1)
     cc, c_mask = _channels(c_block, C, BC)
     hi, lo = _split(tl.load(mean_ptr + cc, mask=c_mask, other=0.0))
     hi = hi[None, :, None]
     lo = lo[None, :, None]
+    za, zb = _act_input(inv_std_ptr, w_ptr, b_ptr, cc, c_mask, RELU, HAS_W, HAS_B)
     s1 = tl.zeros((BN, BC, BL), dtype=tl.float32)
     s2 = tl.zeros((BN, BC, BL), dtype=tl.float32)
     for t in range(p * T // P, (p + 1) * T // P):
         offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
         dy = tl.load(dy_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        dy = _gate(dy, x, hi, lo, za, zb, RELU)
         s1 += dy
         s2 += dy * tl.where(mask, (x - hi) - lo, 0.0)
     tl.store(part_ptr + p * C + cc, tl.sum(tl.sum(s1, axis=2), axis=0), mask=c_mask)
@@ -326,11 +359,11 @@ def _finalize_grads_kernel(part_ptr, inv_std_ptr, dgamma_ptr, dbeta_ptr, P, C,
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
-def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr,
+def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr, b_ptr,
                dgamma_ptr, dbeta_ptr, N, C, L, sN, sC, sL, TL, T, P, m,
                BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, INT64: tl.constexpr,
                PB: tl.constexpr, FUSED: tl.constexpr, HAS_W: tl.constexpr,
-               BATCH_STATS: tl.constexpr):
+               BATCH_STATS: tl.constexpr, RELU: tl.constexpr, HAS_B: tl.constexpr):
     """dx over part p's tiles.
 
         dbeta = sum(dy),  dgamma = sum(dy * x_hat) = inv_std * sum(dy * (x - mean))
@@ -362,11 +395,14 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr,
     k2 = tl.div_rn(-k1 * inv_std * dgamma, m)[None, :, None]
     k3 = tl.div_rn(-k1 * dbeta, m)[None, :, None]
     k1 = k1[None, :, None]
+    za, zb = _act_input(inv_std_ptr, w_ptr, b_ptr, cc, c_mask, RELU, HAS_W, HAS_B)
     for t in range(p * T // P, (p + 1) * T // P):
         offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
         dy = tl.load(dy_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        if BATCH_STATS:
+        if BATCH_STATS or RELU:
             x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+            dy = _gate(dy, x, hi, lo, za, zb, RELU)
+        if BATCH_STATS:
             dx = dy * k1 + ((x - hi) - lo) * k2 + k3
         else:
             dx = dy * k1
@@ -456,8 +492,14 @@ def _stats_like(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(x.shape[1], dtype=dtype, device=x.device)
 
 
+def _relu(act: str) -> bool:
+    if act not in ("identity", "relu"):
+        raise ValueError(f'act must be "identity" or "relu", got {act!r}')
+    return act == "relu"
+
+
 def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=None,
-                  num_batches_tracked=None, momentum: float = 0.1):
+                  num_batches_tracked=None, momentum: float = 0.1, act: str = "identity"):
     """Training forward with batch statistics, the running-statistics update fused in.
 
         mean = E[x], var = E[(x - mean)^2] (biased), over every axis but 1
@@ -473,6 +515,7 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
            ``(1 - momentum) * running + momentum * batch`` (unbiased var), and
            ``num_batches_tracked`` (or None) incremented, unless a channel's statistics are
            not finite.
+        act: "identity" or "relu" (ReLU applied to y in the same pass: BatchNormAct2d).
 
     Returns:
         y (x's shape, dtype and memory format); (C,) mean (float64: the float32 pair k + d,
@@ -501,11 +544,11 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
         x, y, parts, bad, weight, bias, None, None, mean, var, inv_std,
         running_mean, running_var, num_batches_tracked, *run.args(), **stats, PB=run.PB,
         MODE=0 if run.fused else 1, HAS_W=weight is not None, HAS_B=bias is not None,
-        **run.meta())
+        RELU=_relu(act), **run.meta())
     return y, mean, var, inv_std
 
 
-def inference(x, mean, var, weight, bias, eps: float):
+def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with given (C,) statistics (any float
     dtype); one launch. Returns y and (C,) copies of mean (float64) and inv_std (float32),
     for the backward."""
@@ -519,7 +562,7 @@ def inference(x, mean, var, weight, bias, eps: float):
         x, y, None, None, weight, bias, mean, var, mean_out, None, inv_std, None, None, None,
         *run.args(), 0, 1.0, float(eps), 0.0, 1.0, PB=1, BADB=1, MODE=2,
         HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=False, HAS_NBT=False,
-        **run.meta())
+        RELU=_relu(act), **run.meta())
     return y, mean_out, inv_std
 
 
@@ -535,10 +578,12 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
                          HAS_NBT=num_batches_tracked is not None)
 
 
-def backward(dy, x, mean, inv_std, weight, batch_stats: bool):
+def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
+             act: str = "identity"):
     """Gradients of y = (x - mean) * inv_std * weight + bias, from (C,) mean (float64, as
     the forward returns it) and inv_std (float32); ``batch_stats``: mean and inv_std were
-    x's own (training), so they depend on x. Two launches (three with many parts).
+    x's own (training), so they depend on x. ``act="relu"``: the gradient of
+    ReLU(BN(x)) (``bias`` needed). Two launches (three with many parts).
 
     Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta.
     """
@@ -548,15 +593,18 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool):
     dy = dy.to(x.dtype).contiguous(memory_format=fmt)  # dy may come in another layout
     run = _Launch(x, fmt)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
-    _grad_sums_kernel[run.grid](dy, x, mean, parts, *run.args(), **run.meta())
+    relu = _relu(act)
+    act_args = dict(RELU=relu, HAS_W=weight is not None, HAS_B=bias is not None)
+    _grad_sums_kernel[run.grid](dy, x, mean, parts, inv_std, weight, bias, *run.args(),
+                                **act_args, **run.meta())
     dx = torch.empty_like(x, memory_format=fmt)
     dgamma, dbeta = _stats_like(x), _stats_like(x)
     if not run.fused:
         grid, BC, PB = run.finalize_grid()
         _finalize_grads_kernel[grid](parts, inv_std, dgamma, dbeta, run.P, run.C, BC=BC, PB=PB)
-    _dx_kernel[run.grid](dy, x, dx, parts, mean, inv_std, weight, dgamma, dbeta, *run.args(),
-                         float(run.N * run.L), PB=run.PB, FUSED=run.fused,
-                         HAS_W=weight is not None, BATCH_STATS=bool(batch_stats), **run.meta())
+    _dx_kernel[run.grid](dy, x, dx, parts, mean, inv_std, weight, bias, dgamma, dbeta,
+                         *run.args(), float(run.N * run.L), PB=run.PB, FUSED=run.fused,
+                         BATCH_STATS=bool(batch_stats), **act_args, **run.meta())
     return dx, dgamma, dbeta
 
 
@@ -591,7 +639,8 @@ def grad_sums(dy, x, mean):
     dy = dy.to(x.dtype).contiguous(memory_format=fmt)
     run = _Launch(x, fmt)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
-    _grad_sums_kernel[run.grid](dy, x, mean, parts, *run.args(), **run.meta())
+    _grad_sums_kernel[run.grid](dy, x, mean, parts, None, None, None, *run.args(), RELU=False,
+                                HAS_W=False, HAS_B=False, **run.meta())
     sum_dy, sum_dy_xmu = _stats_like(x), _stats_like(x)
     grid, BC, PB = run.finalize_grid()
     ones = torch.ones(run.C, dtype=torch.float32, device=x.device)  # inv_std = 1: raw sums
@@ -609,7 +658,8 @@ def dx_from_sums(dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count: int):
     run = _Launch(x, fmt)
     dx = torch.empty_like(x, memory_format=fmt)
     dgamma = (sum_dy_xmu * inv_std).to(torch.float32)
-    _dx_kernel[run.grid](dy, x, dx, None, mean, inv_std, weight, dgamma,
+    _dx_kernel[run.grid](dy, x, dx, None, mean, inv_std, weight, None, dgamma,
                          sum_dy.to(torch.float32), *run.args(), float(count), PB=1,
-                         FUSED=False, HAS_W=weight is not None, BATCH_STATS=True, **run.meta())
+                         FUSED=False, HAS_W=weight is not None, BATCH_STATS=True, RELU=False,
+                         HAS_B=False, **run.meta())
     return dx

@@ -427,13 +427,27 @@ class EvalFunction(torch.autograd.Function):
 
 
 class ActFunction(torch.autograd.Function):
-    """BN followed by an activation in the numba kernels' fused passes (``act`` "relu" or
+    """BN followed by an activation in the kernels' fused passes (``act`` "relu" or
     "identity"; BatchNormAct2d): training (batch statistics, running statistics updated
-    as :func:`update_impl`) or evaluation (given statistics). Eager mode, CPU float32/64."""
+    as :func:`update_impl`) or evaluation (given statistics). Eager mode; ``engine``
+    "numba" (CPU float32/64) or "triton"."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, nbt, eps, momentum, training,
-                act):
+                act, engine="numba"):
+        ctx.training, ctx.act, ctx.engine = training, act, engine
+        if engine == "triton":
+            tb = _triton()
+            if training:
+                if momentum is None:
+                    momentum = 1.0 / (float(nbt) + 1.0)
+                y, mean, _, inv_std = tb.train_forward(x, weight, bias, eps, running_mean,
+                                                       running_var, nbt, momentum, act)
+            else:
+                y, mean, inv_std = tb.inference(x, running_mean, running_var, weight, bias,
+                                                eps, act)
+            ctx.save_for_backward(x, weight, bias, mean, inv_std)
+            return y
         fmt = memory_format(x)
         xv, axis = _as_numpy(x, fmt)
         y, yv = _output(x, fmt)
@@ -451,13 +465,18 @@ class ActFunction(torch.autograd.Function):
             _numba().inference(xv, mean.numpy(), inv_std.numpy(), w, b, axis, out=yv,
                                threads=_threads(), act=act)
         ctx.save_for_backward(x, weight, bias, mean, inv_std)
-        ctx.training, ctx.act = training, act
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, inv_std = ctx.saved_tensors
+        if ctx.engine == "triton":
+            dx, dgamma, dbeta = _triton().backward(dy, x, mean, inv_std, weight, ctx.training,
+                                                   bias, ctx.act)
+            dw = None if weight is None else dgamma.to(weight.dtype)
+            db = None if bias is None else dbeta.to(bias.dtype)
+            return dx, dw, db, None, None, None, None, None, None, None, None
         fmt = memory_format(x)
         xv, axis = _as_numpy(x, fmt)
         dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
@@ -467,7 +486,7 @@ class ActFunction(torch.autograd.Function):
                                              threads=_threads(), beta=_vec(bias), act=ctx.act)
         dw = None if weight is None else torch.from_numpy(dgamma).to(weight.dtype)
         db = None if bias is None else torch.from_numpy(dbeta).to(bias.dtype)
-        return dx, dw, db, None, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 def count_per_channel(x: Tensor) -> int:

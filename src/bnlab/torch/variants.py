@@ -170,9 +170,10 @@ class BatchRenorm2d(_Renorm, _BatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` followed by an activation (``act``: "relu" or "identity"),
-    fused into the numba kernels' passes on CPU float32/float64 tensors in eager mode
-    (:class:`bnlab.torch._ops.ActFunction`); elsewhere (CUDA, ``torch.compile``, other
-    dtypes) bnlab's BN then ``torch.relu``. timm's module name; state dict as BatchNorm2d's.
+    fused into the kernels' passes in eager mode (:class:`bnlab.torch._ops.ActFunction`:
+    numba on CPU float32/float64, Triton on CUDA); under ``torch.compile`` or for inputs the
+    kernels do not take, bnlab's BN then ``torch.relu``. timm's module name; state dict as
+    BatchNorm2d's.
 
     Example:
         >>> layer = BatchNormAct2d(16)      # replaces BatchNorm2d(16) followed by ReLU()
@@ -193,7 +194,7 @@ class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
         rv = self.running_var if not self.training or self.track_running_stats else None
         engine = F.kernel_engine(self.backend, input, rm, rv, self.weight, self.bias,
                                  bn_training)
-        if engine != "numba" or torch.compiler.is_compiling():
+        if engine is None or torch.compiler.is_compiling():
             y = super().forward(input)
             return torch.relu(y) if self.act == "relu" else y
         if bn_training:
@@ -201,7 +202,7 @@ class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
         nbt = self.num_batches_tracked if update else None
         momentum = self.momentum if self.momentum is not None or nbt is not None else 0.0
         return _ops.ActFunction.apply(input, self.weight, self.bias, rm, rv, nbt, self.eps,
-                                      momentum, bn_training, self.act)
+                                      momentum, bn_training, self.act, engine)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act!r}"
