@@ -78,6 +78,27 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
     ("torch training: per-rank mean loss (DDP then averages unequal means)",
      "src/bnlab/experiments/torch_train.py", "(loss_sum * (world / B)).backward()",
      "(loss_sum / (hi - lo)).backward()", "tests/test_distributed.py -k nproc_2"),
+    ("batch renorm: averages updated before r and d are computed", "src/bnlab/nn/variants.py",
+     "        y, cache = F.batch_renorm_forward(x, gamma, beta, self.eps, self.axis,\n"
+     "                                          self.renorm_mean, self.renorm_std, self.rmax,\n"
+     "                                          self.dmax)\n"
+     "        bn = cache.bn\n"
+     "        F.update_renorm_stats(self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std,\n"
+     "                              self.renorm_momentum)\n",
+     "        m0, v0 = F.moments(x, axes=[a for a in range(x.ndim) if a != self.axis % x.ndim])\n"
+     "        F.update_renorm_stats(self.renorm_mean, self.renorm_std, m0, np.sqrt(v0 + self.eps),\n"
+     "                              self.renorm_momentum)\n"
+     "        y, cache = F.batch_renorm_forward(x, gamma, beta, self.eps, self.axis,\n"
+     "                                          self.renorm_mean, self.renorm_std, self.rmax,\n"
+     "                                          self.dmax)\n"
+     "        bn = cache.bn\n",
+     "tests/test_keras_fixtures.py"),
+    ("mask: masked-out positions get the batch-statistics gradient", "src/bnlab/functional.py",
+     "dx = scale * dyc - np.where(cache.mask, through_stats, 0)", "dx = scale * dyc - through_stats",
+     "tests/test_variants.py -k mask"),
+    ("fused ReLU: backward not gated", "src/bnlab/kernels/numba_bn.py",
+     "    return g - g if relu and not (xv - mu) * za + zb > 0 else g",
+     "    return g", "tests/test_variants.py -k act"),
 ]
 
 

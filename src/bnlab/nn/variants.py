@@ -22,7 +22,13 @@ class _Ghost:
     """Mixin: training normalizes each virtual batch of ``virtual_batch_size`` samples with
     its own statistics (:func:`bnlab.functional.ghost_batch_norm_forward`); the running
     statistics are updated once per call with the average of the virtual batches' means
-    and unbiased variances. Evaluation uses the running statistics (any batch size)."""
+    and unbiased variances. Evaluation uses the running statistics (any batch size).
+
+    Keras 2's ``virtual_batch_size``, mapped: Keras's virtual batch b holds samples b,
+    b + N/v, b + 2N/v, ... (bnlab's k: samples [k*v, (k+1)*v)), the same computation up to a
+    permutation of the batch; Keras averages the *biased* variances into
+    ``moving_variance`` (bnlab: unbiased, as PyTorch), and its ``momentum=0.99`` is 0.01
+    here. tests/test_keras_fixtures.py checks the mapping against tf_keras."""
 
     def forward(self, x):
         if not (self.training or self.running_mean is None):

@@ -41,7 +41,9 @@ class _Ghost:
     """Mixin: in training, virtual batch k is samples ``[k*v, (k+1)*v)``, normalized with
     its own statistics; the running statistics are updated once per call with the average
     of the virtual batches' means and unbiased variances (Keras's ``virtual_batch_size``,
-    up to a permutation of the batch). Evaluation uses the running statistics."""
+    up to a permutation of the batch; the conventions are mapped in
+    :class:`bnlab.nn.GhostBatchNorm2d`'s docstring). Evaluation uses the running
+    statistics."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
