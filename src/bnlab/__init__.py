@@ -5,6 +5,7 @@ from .functional import (
     batch_norm_backward,
     batch_norm_forward,
     batch_normalization,
+    minmax_scale,
     moments,
     standardize,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_forward",
     "batch_normalization",
+    "minmax_scale",
     "moments",
     "standardize",
 ]

@@ -827,3 +827,40 @@ def standardize(x, axis=None, eps: float = 0.0):
         inv_std = 1.0 / np.sqrt(var + eps)
     z = _normalize(x.astype(cdt, copy=False), _cast(mean, cdt), _cast(inv_std, cdt), mean.shape)
     return z.astype(x.dtype, copy=False)
+
+
+def minmax_scale(x, axis=None, feature_range=(0, 1)):
+    """Min-max scaling, the other usual preprocessing beside the z-score (:func:`standardize`):
+
+        y = (x - min) / (max - min) * (hi - lo) + lo        over ``axis``
+
+    A constant slice (max == min) maps to ``lo``, as scikit-learn's ``MinMaxScaler`` does (it
+    treats a zero range as 1). Unlike the z-score, the result depends on the two extreme
+    values only, so a single outlier squeezes everything else.
+
+    Args:
+        x: floating-point array, finite (NaN/inf are a ValueError: scikit-learn would skip
+            NaN as missing values, which bnlab does not guess).
+        axis: axis or axes to take min and max over; None (default) for all of ``x``.
+            ``axis=0`` on (N, D) scales each feature over the samples (``MinMaxScaler``).
+        feature_range: ``(lo, hi)`` with lo < hi; default (0, 1).
+
+    Returns:
+        Array like ``x``, in [lo, hi] over ``axis``.
+    """
+    x = np.asarray(x)
+    _check_float(x)
+    lo, hi = (float(v) for v in feature_range)
+    if not lo < hi:
+        raise ValueError(f"feature_range must be (lo, hi) with lo < hi, got {feature_range!r}")
+    axes = tuple(range(x.ndim)) if axis is None else _normalize_axes(axis, x.ndim)
+    if x.size == 0:
+        return x.copy()
+    if not np.isfinite(x).all():
+        raise ValueError("minmax_scale takes finite values; x holds NaN or inf")
+    acc = _accumulator(x.dtype)
+    xmin = x.min(axis=axes, keepdims=True).astype(acc)
+    span = x.max(axis=axes, keepdims=True).astype(acc) - xmin
+    span = np.where(span == 0, 1.0, span)                       # constant: maps to lo
+    y = (x.astype(acc) - xmin) * ((hi - lo) / span) + lo
+    return y.astype(x.dtype)

@@ -46,6 +46,16 @@ def run(batch_size: int = 60, seed: int = 0, pixels=(350, 380, 430, 460),
     out(f"   mean of y = {np.round(y.mean(0), 4)}, std = {np.round(y.std(0), 4)}"
         "  (gamma, beta are learned: BN can undo itself if that is best)")
 
+    z = F.standardize(x, axis=0)                              # z-score per pixel   (m, P)
+    mm = F.minmax_scale(x, axis=0)                            # min-max per pixel   (m, P)
+    out("\nFor contrast, the usual preprocessing of inputs (fixed, nothing learned):")
+    out(f"   z-score  (x - mu)/s      (bnlab.standardize): mean {np.round(z.mean(0), 4) + 0.0}, "
+        f"std {np.round(z.std(0), 4)}  = step 3 without eps")
+    out(f"   min-max  (x - min)/(max - min) (bnlab.minmax_scale): min {np.round(mm.min(0), 4)}, "
+        f"max {np.round(mm.max(0), 4)}, mean {np.round(mm.mean(0), 4)}")
+    out("   BN differs from both: its statistics come from each mini-batch during training, "
+        "and gamma, beta are learned.")
+
     g = np.full(x.shape[1], gamma, np.float32)
     b = np.full(x.shape[1], beta, np.float32)
     y_lib, _ = F.batch_norm_forward(x, g, b, eps=eps, axis=1)
@@ -56,5 +66,5 @@ def run(batch_size: int = 60, seed: int = 0, pixels=(350, 380, 430, 460),
     ok = err <= tol
     out(f"\nbnlab.batch_norm_forward: max |difference| from the steps above = {err:.2e} "
         f"(float32 rounding allows {tol:.1e}): {'the same y' if ok else 'MISMATCH'}")
-    return {"mean": mu, "var": var, "x_hat": x_hat, "y": y, "max_abs_diff": err,
-            "tolerance": tol, "ok": ok}
+    return {"mean": mu, "var": var, "x_hat": x_hat, "y": y, "zscore": z, "minmax": mm,
+            "max_abs_diff": err, "tolerance": tol, "ok": ok}
