@@ -205,3 +205,35 @@ def test_small_batch_swaps_the_bn_layers_and_keeps_parameters():
     got = [m.weight.data for m in renorm if isinstance(m, nn.BatchRenorm2d)]
     assert all(np.array_equal(a, b) for a, b in zip(got, gammas))
     assert list(renorm.state_dict())[:2] == list(net.state_dict())[:2]
+
+
+def test_regularization_structure_gap_and_summary(tmp_path):
+    """BN on/off x dropout on/off per model and seed; the gap is train minus test accuracy
+    at the end, the summary's means/spreads are the runs', the curves have one point per
+    epoch, and the accuracies are those of evaluating the splits."""
+    pytest.importorskip("torch")
+    config = R.RegularizationConfig(dataset="digits", models=("mlp",), seeds=(0, 1), epochs=2)
+    out = tmp_path / "reg"
+    result = R.run_regularization(config, out=out, progress=False, print_fn=lambda *a: None)
+    runs = load(out)["runs"]
+    assert len(runs) == 2 * 2 * 2
+    assert {(r["bn"], r["dropout"]) for r in runs} == {(a, b) for a in (0, 1) for b in (0, 1)}
+    for r in runs:
+        assert r["epoch"] == [1, 2] and len(r["test_loss"]) == 2
+        assert r["gap"] == pytest.approx(r["train_accuracy"][-1] - r["test_accuracy"][-1])
+        assert 0 <= r["final_test_accuracy"] <= 1
+    for row in result["summary"]:
+        gaps = [r["gap"] for r in runs if (r["bn"], r["dropout"]) == (row["bn"], row["dropout"])]
+        assert row["gap"] == pytest.approx(np.mean(gaps))
+        assert row["gap_std"] == pytest.approx(np.std(gaps, ddof=1))
+    assert (out / "regularization.png").read_bytes().startswith(PNG)
+
+
+def test_dropout_goes_after_hidden_activations_or_before_the_head():
+    mlp = R.with_dropout(models.paper_mlp(activation="relu"), "mlp", 0.5, 0)
+    names = [type(m).__name__ for m in mlp]
+    assert names.count("Dropout") == 3 and names[-2:] == ["Dropout", "Linear"]
+    assert names[names.index("ReLU") + 1] == "Dropout"
+    cnn = R.with_dropout(models.seed_cnn(), "cnn", 0.5, 0)
+    names = [type(m).__name__ for m in cnn]
+    assert names[-3:] == ["Flatten", "Dropout", "Linear"]

@@ -109,6 +109,13 @@ def _cmd_reproduce(args) -> int:
                                     samples=args.samples, lr32=args.lr32)
         R.run_small_batch(config, out=args.out, progress=progress)
         return 0
+    if args.experiment == "regularization":
+        config = R.RegularizationConfig(dataset=args.dataset, models=tuple(args.models),
+                                        seeds=tuple(args.seeds), epochs=args.epochs,
+                                        batch_size=args.batch_size, lr=args.lr,
+                                        dropout=args.dropout)
+        R.run_regularization(config, out=args.out, progress=progress)
+        return 0
     common = dict(dataset=args.dataset, batch_size=args.batch_size, seed=args.seed,
                   eval_every=args.eval_every)
     if args.experiment == "fig1":
@@ -204,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import reproduce as R
 
     p = sub.add_parser("reproduce", help="the paper's experiments: fig1, lr-sweep, init-sweep, "
-                                         "small-batch",
+                                         "regularization, small-batch",
                        description="Reproduce the evidence of Ioffe & Szegedy (2015) with the "
                                    "paper's MLP on real digits; each writes results.json, PNG "
                                    "figures and report.md into a run folder.")
@@ -252,6 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--activations", nargs="+", choices=["sigmoid", "relu"],
                            default=list(d.activations), help="default sigmoid relu")
+    d = R.RegularizationConfig()
+    text = ("does BN regularize? the MLP and the seed CNN, BN on/off x dropout on/off, several "
+            "seeds, until the training accuracy saturates: the generalization gap (needs "
+            "bnlab[torch])")
+    q = rsub.add_parser("regularization", help=text, description=text + ".")
+    q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                   help=f"default {d.dataset}")
+    q.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=list(d.models),
+                   help=f"default {list(d.models)}")
+    q.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds),
+                   help=f"default {list(d.seeds)}")
+    q.add_argument("--epochs", type=_positive_int, default=d.epochs,
+                   help=f"default {d.epochs}")
+    q.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help=f"default {d.batch_size}")
+    q.add_argument("--lr", type=_positive_float, default=d.lr, help=f"default {d.lr}")
+    q.add_argument("--dropout", type=_fraction, default=d.dropout,
+                   help=f"dropout probability where it is on (default {d.dropout})")
+    q.add_argument("--out", default=None, help="run folder (default runs/regularization-<time>)")
+    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     d = R.SmallBatchConfig()
     text = ("why the BN variants exist: the seed CNN at batch sizes 2-32 (same samples seen) "
             "with BN, ghost BN and batch renorm, several seeds: eval accuracy and train/eval gap")

@@ -418,9 +418,78 @@ test mini-batch of the training batch size by its own statistics.
     return ["small_batch.png", "report.md"]
 
 
+# --- regularization --------------------------------------------------------------------------
+
+
+def _reg_label(r) -> str:
+    return (f"{'BN' if r['bn'] else 'no BN'}, {'dropout' if r['dropout'] else 'no dropout'}")
+
+
+def regularization_table(results) -> str:
+    rows = sorted(results["summary"], key=lambda r: (r["model"], r["bn"], r["dropout"]))
+    lines = [f"{'model':6s}{'configuration':24s}{'train acc':>18s}{'test acc':>18s}"
+             f"{'gap (train - test)':>22s}{'test loss':>16s}"]
+    for r in rows:
+        lines.append(f"{r['model']:6s}{_reg_label(r):24s}"
+                     f"{r['final_train_accuracy']:11.4f} ± {r['final_train_accuracy_std']:.4f}"
+                     f"{r['final_test_accuracy']:11.4f} ± {r['final_test_accuracy_std']:.4f}"
+                     f"{r['gap']:15.4f} ± {r['gap_std']:.4f}"
+                     f"{r['final_test_loss']:9.3f} ± {r['final_test_loss_std']:.3f}")
+    lines.append(f"after {results['config']['epochs']} epochs; mean ± standard deviation over "
+                 f"{rows[0]['seeds']} seeds; accuracies in evaluation mode on the whole splits")
+    return "\n".join(lines)
+
+
+def plot_regularization(results, path) -> Path:
+    """Per model: mean test accuracy per epoch for each configuration (train dashed)."""
+    plt = _pyplot()
+    kinds = list(dict.fromkeys(r["model"] for r in results["runs"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    colors = {(False, False): "#999999", (False, True): "#f4a582", (True, False): "#0571b0",
+              (True, True): "#92c5de"}
+    for ax, kind in zip(axes[0], kinds):
+        for (bn, dropout), color in colors.items():
+            rs = [r for r in results["runs"] if (r["model"], r["bn"], r["dropout"]) ==
+                  (kind, bn, dropout)]
+            if not rs:
+                continue
+            epochs = rs[0]["epoch"]
+            label = _reg_label({"bn": bn, "dropout": dropout})
+            ax.plot(epochs, np.mean([r["test_accuracy"] for r in rs], axis=0), color=color,
+                    label=f"{label}: test")
+            ax.plot(epochs, np.mean([r["train_accuracy"] for r in rs], axis=0), color=color,
+                    ls="--", lw=1)
+        ax.set(xlabel="epoch", ylabel="accuracy (dashed: training split)",
+               title=f"{'seed CNN' if kind == 'cnn' else 'MLP (ReLU)'} on {results['dataset']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, path)
+
+
+def _report_regularization(results, folder):
+    plot_regularization(results, folder / "regularization.png")
+    cfg = results["config"]
+    write_text(folder / "report.md", f"""# Does BN regularize? ({results['dataset']})
+
+Command: `{_command(results)}`
+
+{', '.join(cfg['models'])}; BN on/off × dropout ({cfg['dropout']}) on/off; seeds
+{list(cfg['seeds'])}; {cfg['epochs']} epochs of plain SGD (lr {cfg['lr']}, batch
+{cfg['batch_size']}), trained with bnlab.torch. The gap is training minus test accuracy at
+the end.
+
+```
+{regularization_table(results)}
+```
+
+![regularization](regularization.png)
+""")
+    return ["regularization.png", "report.md"]
+
+
 WRITERS = {"compare": _report_compare, "train": _report_train, "fig1": _report_fig1,
            "lr-sweep": _report_sweep, "init-sweep": _report_sweep,
-           "small-batch": _report_small_batch}
+           "small-batch": _report_small_batch, "regularization": _report_regularization}
 
 
 def write_report(results: dict, folder) -> list[str]:
@@ -443,6 +512,8 @@ def summary(results: dict) -> str:
         return sweep_table(results)
     if experiment == "small-batch":
         return small_batch_table(results)
+    if experiment == "regularization":
+        return regularization_table(results)
     (name, run), = results["runs"].items()
     return f"{name}: final test accuracy {run['test_accuracy'][-1]:.4f}"
 

@@ -5,6 +5,8 @@
   50th and 85th percentiles of one sigmoid input of the last hidden layer during training.
 * ``lr-sweep``: final test accuracy over learning rates, sigmoid and ReLU, with and without BN.
 * ``init-sweep``: the same over initial weight scales.
+* ``regularization``: does BN regularize? The MLP and the seed CNN, BN on/off x dropout
+  on/off, several seeds, until the training accuracy saturates: the generalization gap.
 * ``small-batch``: why the BN variants exist: the seed CNN at batch sizes 2 to 32 (the same
   samples seen) with BN, ghost BN and batch renorm, several seeds; accuracy in evaluation
   mode, with batch statistics, and the gap.
@@ -286,17 +288,132 @@ def run_small_batch(config: SmallBatchConfig, out=None, progress: bool = True,
     return finish(results, out, "small-batch", print_fn)
 
 
-def summarize_small_batch(runs) -> list[dict]:
-    """Mean and standard deviation over seeds per (variant, batch size)."""
+def summarize_over_seeds(runs, by: tuple, values: tuple) -> list[dict]:
+    """One row per value of the ``by`` fields: the number of seeds, and the mean and
+    standard deviation (``<key>_std``, ddof 1) of each of ``values`` over them."""
     groups = {}
     for r in runs:
-        groups.setdefault((r["variant"], r["batch_size"]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
     rows = []
-    for (variant, batch), rs in groups.items():
-        row = {"variant": variant, "batch_size": batch, "seeds": len(rs)}
-        for key in ("eval_accuracy", "batch_stats_accuracy", "train_eval_gap"):
-            v = np.array([r[key] for r in rs])
-            row[key] = float(v.mean())
-            row[key + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    for key, rs in groups.items():
+        row = dict(zip(by, key), seeds=len(rs))
+        for name in values:
+            v = np.array([r[name] for r in rs])
+            row[name] = float(v.mean())
+            row[name + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def summarize_small_batch(runs) -> list[dict]:
+    """Mean and standard deviation over seeds per (variant, batch size)."""
+    return summarize_over_seeds(runs, ("variant", "batch_size"),
+                                ("eval_accuracy", "batch_stats_accuracy", "train_eval_gap"))
+
+
+# --- regularization: does BN regularize? -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegularizationConfig:
+    dataset: str = "mnist-5k"
+    models: tuple = ("mlp", "cnn")
+    seeds: tuple = (0, 1, 2)
+    epochs: int = 30             # enough for the training accuracy to saturate
+    batch_size: int = 64
+    lr: float = 0.05             # plain SGD
+    dropout: float = 0.5         # where dropout is on: after each hidden layer / before the head
+
+
+def with_dropout(model: nn.Sequential, kind: str, p: float, seed: int) -> nn.Sequential:
+    """``model`` with Dropout(p) after every hidden activation (MLP) or before the final
+    Linear (CNN): a new Sequential holding the same layers."""
+    layers = list(model)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, layer in enumerate(layers):
+        out.append(layer)
+        last_hidden = kind == "cnn" and isinstance(layer, nn.Flatten)
+        hidden_act = kind == "mlp" and isinstance(layer, (nn.ReLU, nn.Sigmoid)) and \
+            i < len(layers) - 1
+        if last_hidden or hidden_act:
+            out.append(nn.Dropout(p, rng=rng))
+    return nn.Sequential(*out)
+
+
+def _regularization_run(kind, bn, dropout, seed, data, config, progress, desc):
+    """One network trained with the torch engine (bnlab's BN): per-epoch training and test
+    loss and accuracy, both in evaluation mode, over the whole splits."""
+    import torch
+
+    from .. import torch as bt
+    from ..data import iterate_batches
+    from .torch_train import _evaluate
+
+    C, S, _ = data.image_shape
+    if kind == "cnn":
+        ref = models.seed_cnn(bn=bn, in_channels=C, image_size=S,
+                              num_classes=data.num_classes, seed=seed)
+    else:
+        ref = models.paper_mlp(bn=bn, activation="relu", in_features=C * S * S,
+                               num_classes=data.num_classes, seed=seed)
+    if dropout:
+        ref = with_dropout(ref, kind, config.dropout, seed)
+    torch.manual_seed(seed)
+    net = bt.convert(bt.models.twin(ref))
+    opt = torch.optim.SGD(net.parameters(), lr=config.lr)
+    rng = np.random.default_rng(seed)
+    curves = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_loss",
+                              "test_accuracy")}
+    from tqdm.auto import tqdm
+
+    for epoch in tqdm(range(1, config.epochs + 1), desc=desc, disable=not progress,
+                      leave=False, unit="epoch"):
+        net.train()
+        for xb, yb in iterate_batches(*data.train, config.batch_size, shuffle=True,
+                                      drop_last=True, rng=rng):
+            loss = torch.nn.functional.cross_entropy(net(torch.from_numpy(xb)),
+                                                     torch.from_numpy(yb).long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        train, test = _evaluate(net, *data.train, "cpu"), _evaluate(net, *data.test, "cpu")
+        curves["epoch"].append(epoch)
+        for split, ev in (("train", train), ("test", test)):
+            curves[f"{split}_loss"].append(ev["loss"])
+            curves[f"{split}_accuracy"].append(ev["accuracy"])
+    return curves
+
+
+def run_regularization(config: RegularizationConfig, out=None, progress: bool = True,
+                       print_fn=print) -> dict:
+    """The MLP (ReLU) and the seed CNN, BN on/off x dropout on/off, several seeds, on the
+    embedded digits (4,000 training images: small enough to overfit): training and test
+    accuracy and loss per epoch, and the generalization gap at the end."""
+    for kind in config.models:
+        if kind not in ("mlp", "cnn"):
+            raise ValueError(f'models must be "mlp" or "cnn", got {kind!r}')
+    data = datasets.load(config.dataset)
+    grid = [(k, bn, d, s) for k in config.models for bn in (False, True)
+            for d in (False, True) for s in config.seeds]
+    runs = []
+    for i, (kind, bn, dropout, seed) in enumerate(grid, 1):
+        desc = (f"regularization {i}/{len(grid)}: {kind}, {'BN' if bn else 'no BN'}, "
+                f"{'dropout' if dropout else 'no dropout'}, seed {seed}")
+        curves = _regularization_run(kind, bn, dropout, seed, data, config, progress, desc)
+        runs.append({"model": kind, "bn": bn, "dropout": dropout, "seed": seed, **curves,
+                     "final_train_accuracy": curves["train_accuracy"][-1],
+                     "final_test_accuracy": curves["test_accuracy"][-1],
+                     "final_test_loss": curves["test_loss"][-1],
+                     "gap": curves["train_accuracy"][-1] - curves["test_accuracy"][-1]})
+    results = {"experiment": "regularization", "dataset": data.name, "config": asdict(config),
+               "runs": runs, "summary": summarize_regularization(runs),
+               "environment": environment()}
+    return finish(results, out, "regularization", print_fn)
+
+
+def summarize_regularization(runs) -> list[dict]:
+    """Mean and standard deviation over seeds per (model, BN, dropout)."""
+    return summarize_over_seeds(runs, ("model", "bn", "dropout"),
+                                ("final_train_accuracy", "final_test_accuracy",
+                                 "final_test_loss", "gap"))
