@@ -237,3 +237,56 @@ def test_dropout_goes_after_hidden_activations_or_before_the_head():
     cnn = R.with_dropout(models.seed_cnn(), "cnn", 0.5, 0)
     names = [type(m).__name__ for m in cnn]
     assert names[-3:] == ["Flatten", "Dropout", "Linear"]
+
+
+def test_landscape_on_a_quadratic_has_the_closed_form():
+    """L(p) = 1/2 p^T A p: along g = A p, L(p - eta g) and grad(p - eta g) - g = -eta A g are
+    known exactly."""
+    A = np.diag([1.0, 4.0, 9.0])
+    p = np.array([1.0, -2.0, 0.5])
+
+    def f(q):
+        return 0.5 * q @ A @ q, A @ q
+
+    g = A @ p
+    etas = (0.01, 0.05, 0.1)
+    got = R.landscape(f, p, etas)
+    losses = [0.5 * p @ A @ p] + [0.5 * (p - e * g) @ A @ (p - e * g) for e in etas]
+    assert got["losses"] == pytest.approx(losses)
+    assert got["loss_range"] == pytest.approx(max(losses) - min(losses))
+    assert got["grad_changes"] == pytest.approx([e * np.linalg.norm(A @ g) for e in etas])
+    assert got["grad_change"] == pytest.approx(0.1 * np.linalg.norm(A @ g))
+    assert got["relative_grad_change"] == pytest.approx(got["grad_change"] / np.linalg.norm(g))
+
+
+def test_drift_by_hand():
+    series = [[0.0, 1.0], [1.0, 1.0], [1.0, 3.0]]
+    assert R.drift(series).tolist() == [0.5, 1.0]
+
+
+def test_ics_tiny_run_structure(tmp_path):
+    pytest.importorskip("torch")
+    config = R.IcsConfig(dataset="digits", steps=20, probe_every=10, probe_size=50)
+    R.run_ics(config, out=tmp_path / "ics", progress=False, print_fn=lambda *a: None)
+    runs = load(tmp_path / "ics")["runs"]
+    assert [r["config"] for r in runs] == ["standard", "bn", "noisy bn"]
+    for r in runs:
+        assert r["step"] == [1, 10, 20]
+        assert len(r["loss_range"]) == len(r["grad_change"]) == len(r["test_accuracy"]) == 3
+        assert set(r["drift"]) == {"layer 2 input", "layer 3 input"}
+        assert set(r["drift"]["layer 2 input"]) == {"mean", "var", "p15", "p50", "p85"}
+        assert all(len(v) == 3 for v in r["unit_percentiles"].values())
+        p15, p50, p85 = (r["unit_percentiles"][k] for k in ("p15", "p50", "p85"))
+        assert all(a <= b <= c for a, b, c in zip(p15, p50, p85))
+    assert (tmp_path / "ics" / "ics.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["reproduce", "ics", "--steps", "0"], "positive integer"),
+    (["reproduce", "regularization", "--models", "vgg"], "invalid choice"),
+    (["reproduce", "regularization", "--seeds", "x"], "invalid int value"),
+    (["reproduce", "nope"], "invalid choice")])
+def test_new_experiments_bad_values(args, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(args)
+    assert message in capsys.readouterr().err

@@ -109,6 +109,11 @@ def _cmd_reproduce(args) -> int:
                                     samples=args.samples, lr32=args.lr32)
         R.run_small_batch(config, out=args.out, progress=progress)
         return 0
+    if args.experiment == "ics":
+        config = R.IcsConfig(dataset=args.dataset, steps=args.steps, lr=args.lr, seed=args.seed,
+                             probe_every=args.probe_every, noise=args.noise)
+        R.run_ics(config, out=args.out, progress=progress)
+        return 0
     if args.experiment == "regularization":
         config = R.RegularizationConfig(dataset=args.dataset, models=tuple(args.models),
                                         seeds=tuple(args.seeds), epochs=args.epochs,
@@ -211,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import reproduce as R
 
     p = sub.add_parser("reproduce", help="the paper's experiments: fig1, lr-sweep, init-sweep, "
-                                         "regularization, small-batch",
+                                         "regularization, ics, small-batch",
                        description="Reproduce the evidence of Ioffe & Szegedy (2015) with the "
                                    "paper's MLP on real digits; each writes results.json, PNG "
                                    "figures and report.md into a run folder.")
@@ -259,6 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--activations", nargs="+", choices=["sigmoid", "relu"],
                            default=list(d.activations), help="default sigmoid relu")
+    d = R.IcsConfig()
+    text = ("internal covariate shift, measured (per-layer input drift), against Santurkar et "
+            "al. (2018): noisy BN and the loss landscape along the gradient (needs bnlab[torch])")
+    q = rsub.add_parser("ics", help=text, description=text + ".")
+    q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                   help=f"default {d.dataset}")
+    q.add_argument("--steps", type=_positive_int, default=d.steps, help=f"default {d.steps}")
+    q.add_argument("--lr", type=_positive_float, default=d.lr, help=f"default {d.lr}")
+    q.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
+    q.add_argument("--probe-every", type=_positive_int, default=d.probe_every,
+                   help=f"steps between measurements (default {d.probe_every})")
+    q.add_argument("--noise", type=_positive_float, default=d.noise,
+                   help=f"noisy BN's shift/scale noise (default {d.noise})")
+    q.add_argument("--out", default=None, help="run folder (default runs/ics-<time>)")
+    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     d = R.RegularizationConfig()
     text = ("does BN regularize? the MLP and the seed CNN, BN on/off x dropout on/off, several "
             "seeds, until the training accuracy saturates: the generalization gap (needs "

@@ -487,9 +487,88 @@ the end.
     return ["regularization.png", "report.md"]
 
 
+# --- internal covariate shift ------------------------------------------------------------------
+
+
+def ics_table(results) -> str:
+    lines = [f"{'':10s}{'final test acc':>16s}{'mean drift':>12s}{'var drift':>12s}"
+             f"{'p15/p50/p85 drift':>22s}{'loss range':>13s}{'grad change':>13s}"
+             f"{'|grad|':>10s}{'relative':>10s}"]
+    for run in results["runs"]:
+        d = list(run["drift"].values())
+        mean = np.mean([v["mean"] for v in d])
+        var = np.mean([v["var"] for v in d])
+        pct = np.mean([[v["p15"], v["p50"], v["p85"]] for v in d], axis=0)
+        skip = 1  # the first probe is at step 1, before training moved anything
+        lines.append(f"{run['config']:10s}{run['final_test_accuracy']:16.4f}{mean:12.4f}"
+                     f"{var:12.4f}{'/'.join(f'{p:.3f}' for p in pct):>22s}"
+                     f"{np.mean(run['loss_range'][skip:]):13.4f}"
+                     f"{np.mean(run['grad_change'][skip:]):13.4f}"
+                     f"{np.mean(run['grad_norm'][skip:]):10.4f}"
+                     f"{np.mean(run['relative_grad_change'][skip:]):10.4f}")
+    lines.append("drift: mean over hidden layers and units of the change of each statistic of the "
+                 "next layer's input between probes; loss range and gradient change along the "
+                 "gradient (and the gradient change relative to |grad|), averaged over probes "
+                 "after the first")
+    return "\n".join(lines)
+
+
+def plot_ics(results, path) -> Path:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    colors = {"standard": "#999999", "bn": "#0571b0", "noisy bn": "#ca0020"}
+    for run in results["runs"]:
+        c = colors.get(run["config"])
+        unit = run.get("unit_percentiles")
+        if unit:  # the next layer's input for one unit: 15/50/85th percentiles (Fig. 2)
+            for q, ls in (("p15", "--"), ("p50", "-"), ("p85", "--")):
+                axes[3].plot(run["step"], unit[q], color=c, ls=ls,
+                             label=run["config"] if q == "p50" else None)
+        axes[0].plot(run["step"], run["test_accuracy"], color=c, label=run["config"])
+        axes[1].plot(run["step"][1:], run["loss_range"][1:], color=c, label=run["config"])
+        axes[2].plot(run["step"][1:], run["grad_change"][1:], color=c, label=run["config"])
+    axes[0].set(xlabel="step", ylabel="test accuracy", title="Training speed")
+    axes[1].set(xlabel="step", ylabel="max − min loss along the gradient", yscale="log",
+                title="Loss landscape (cf. Santurkar et al. Fig. 4a)")
+    axes[2].set(xlabel="step", ylabel="max ‖∇L(θ − ηg) − ∇L(θ)‖", yscale="log",
+                title="Gradient predictiveness (Fig. 4b)")
+    axes[3].set(xlabel="step", ylabel="15/50/85th percentile",
+                title="A unit's output, last hidden layer (cf. Fig. 2)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.subplots_adjust(wspace=0.4)
+    return save_figure(fig, path)
+
+
+def _report_ics(results, folder):
+    plot_ics(results, folder / "ics.png")
+    cfg = results["config"]
+    write_text(folder / "report.md", f"""# Internal covariate shift and the landscape ({results['dataset']})
+
+Command: `{_command(results)}`
+
+The paper's MLP (sigmoid), {cfg['steps']} steps of SGD (lr {cfg['lr']}, batch
+{cfg['batch_size']}), in float64 with bnlab.torch: without BN, with BN, and with "noisy BN"
+(after every BN layer, y·s + m with s = exp({cfg['noise']}·N(0,1)) and m =
+{cfg['noise']}·N(0,1) per unit, redrawn every step). Every {cfg['probe_every']} steps, on
+{cfg['probe_size']} training images: each hidden layer's output distribution (the next
+layer's input); and along the gradient g at step sizes {list(cfg['step_sizes'])} × lr,
+the range of the loss and the largest change of the gradient.
+
+```
+{ics_table(results)}
+```
+
+![ics](ics.png)
+""")
+    return ["ics.png", "report.md"]
+
+
 WRITERS = {"compare": _report_compare, "train": _report_train, "fig1": _report_fig1,
            "lr-sweep": _report_sweep, "init-sweep": _report_sweep,
-           "small-batch": _report_small_batch, "regularization": _report_regularization}
+           "small-batch": _report_small_batch, "regularization": _report_regularization,
+           "ics": _report_ics}
 
 
 def write_report(results: dict, folder) -> list[str]:
@@ -514,6 +593,8 @@ def summary(results: dict) -> str:
         return small_batch_table(results)
     if experiment == "regularization":
         return regularization_table(results)
+    if experiment == "ics":
+        return ics_table(results)
     (name, run), = results["runs"].items()
     return f"{name}: final test accuracy {run['test_accuracy'][-1]:.4f}"
 

@@ -5,6 +5,8 @@
   50th and 85th percentiles of one sigmoid input of the last hidden layer during training.
 * ``lr-sweep``: final test accuracy over learning rates, sigmoid and ReLU, with and without BN.
 * ``init-sweep``: the same over initial weight scales.
+* ``ics``: internal covariate shift, measured (per-layer input drift), against Santurkar et
+  al.'s view: noisy BN, and the loss landscape along the gradient.
 * ``regularization``: does BN regularize? The MLP and the seed CNN, BN on/off x dropout
   on/off, several seeds, until the training accuracy saturates: the generalization gap.
 * ``small-batch``: why the BN variants exist: the seed CNN at batch sizes 2 to 32 (the same
@@ -417,3 +419,167 @@ def summarize_regularization(runs) -> list[dict]:
     return summarize_over_seeds(runs, ("model", "bn", "dropout"),
                                 ("final_train_accuracy", "final_test_accuracy",
                                  "final_test_loss", "gap"))
+
+
+# --- internal covariate shift against a smoother landscape -----------------------------------
+
+
+@dataclass(frozen=True)
+class IcsConfig:
+    dataset: str = "mnist-5k"
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 0.1
+    seed: int = 0
+    probe_every: int = 100       # drift and landscape measured every this many steps
+    probe_size: int = 500        # training images the layer inputs are measured on
+    step_sizes: tuple = (0.05, 0.1, 0.2, 0.4)  # multiples of lr along the gradient
+    noise: float = 1.0           # noisy BN: scale of the injected time-varying shift/scale
+
+
+CONFIGS = ("standard", "bn", "noisy bn")
+
+
+def drift(series) -> np.ndarray:
+    """How far a per-unit statistic moves between successive probes: the mean over units of
+    |s(t) - s(t-1)|, for each probe after the first. ``series``: (probes, units)."""
+    s = np.asarray(series, np.float64)
+    return np.abs(np.diff(s, axis=0)).mean(axis=1)
+
+
+def landscape(loss_and_grad, params: np.ndarray, step_sizes) -> dict:
+    """Santurkar et al.'s measurements at ``params`` along the gradient g: for each step
+    size eta, the loss at params - eta * g and the change of the gradient there,
+    ||grad(params - eta * g) - g||. Returns the loss range (max - min over the step sizes,
+    including 0) and the largest gradient change.
+
+    ``loss_and_grad(p) -> (loss, grad)`` on flat parameter vectors.
+    """
+    loss0, g = loss_and_grad(params)
+    losses, changes = [loss0], []
+    for eta in step_sizes:
+        loss, grad = loss_and_grad(params - eta * g)
+        losses.append(loss)
+        changes.append(float(np.linalg.norm(grad - g)))
+    norm = float(np.linalg.norm(g))
+    return {"loss_range": float(max(losses) - min(losses)), "grad_change": float(max(changes)),
+            "grad_norm": norm, "relative_grad_change": float(max(changes)) / max(norm, 1e-300),
+            "losses": [float(v) for v in losses], "grad_changes": changes}
+
+
+def _ics_run(name: str, config: IcsConfig, data, progress: bool, desc: str) -> dict:
+    """Train the paper's MLP (sigmoid) as ``name`` ("standard", "bn", "noisy bn") with
+    bnlab.torch, probing every ``probe_every`` steps: per hidden layer's output (the next
+    layer's input) on a fixed probe batch, per unit mean, variance and 15/50/85th
+    percentiles; the landscape along the gradient (:func:`landscape`); test accuracy."""
+    import copy
+
+    import torch
+
+    from .. import torch as bt
+    from ..data import iterate_batches
+    from .torch_train import _evaluate
+
+    C, S, _ = data.image_shape
+    ref = models.paper_mlp(bn=name != "standard", in_features=C * S * S,
+                           num_classes=data.num_classes, seed=config.seed)
+    net = bt.convert(bt.models.twin(ref)).double()
+    torch.manual_seed(config.seed)
+    noise_rng = torch.Generator().manual_seed(config.seed + 1)
+    noise = {}
+
+    def inject(module, inputs, output):  # noisy BN: y * s + m, s and m redrawn every step
+        if module.training and module in noise:
+            s, m = noise[module]
+            return output * s + m
+        return output
+
+    bns = [m for m in net if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if name == "noisy bn":
+        for bn in bns:
+            bn.register_forward_hook(inject)
+
+    def redraw():
+        for bn in bns:
+            n = bn.num_features
+            f64 = torch.float64
+            scale = torch.exp(config.noise * torch.randn(n, generator=noise_rng, dtype=f64))
+            noise[bn] = (scale, config.noise * torch.randn(n, generator=noise_rng, dtype=f64))
+
+    hidden = [i for i, m in enumerate(net) if isinstance(m, torch.nn.Sigmoid)][:-1]
+    probe_x = torch.from_numpy(data.train[0][:config.probe_size]).double()
+    opt = torch.optim.SGD(net.parameters(), lr=config.lr)
+    rng = np.random.default_rng(config.seed)
+    stats = {i: {k: [] for k in ("mean", "var", "p15", "p50", "p85")} for i in hidden}
+    record = {"step": [], "test_accuracy": [], "loss_range": [], "grad_change": [],
+              "grad_norm": [], "relative_grad_change": []}
+
+    def loss_and_grad(model, x, y):
+        def f(p):
+            trial = copy.deepcopy(model)
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(p), trial.parameters())
+            loss = torch.nn.functional.cross_entropy(trial(x), y)
+            grads = torch.autograd.grad(loss, list(trial.parameters()))
+            return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads]).numpy()
+        return f
+
+    def batches():
+        while True:
+            yield from iterate_batches(*data.train, config.batch_size, shuffle=True,
+                                       drop_last=True, rng=rng)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, desc=desc, disable=not progress, leave=False, unit="step")
+    for step, (xb, yb) in zip(range(1, config.steps + 1), batches()):
+        x, y = torch.from_numpy(xb).double(), torch.from_numpy(yb).long()
+        redraw()
+        if step == 1 or step % config.probe_every == 0:
+            probe = copy.deepcopy(net)  # train mode, this step's noise, buffers untouched
+            with torch.no_grad():
+                h = probe_x
+                for i, layer in enumerate(probe):
+                    h = layer(h)
+                    if i in hidden:
+                        a = h.numpy()
+                        st = stats[i]
+                        st["mean"].append(a.mean(0))
+                        st["var"].append(a.var(0))
+                        for q in (15, 50, 85):
+                            st[f"p{q}"].append(np.percentile(a, q, axis=0))
+            params = torch.nn.utils.parameters_to_vector(net.parameters()).detach().numpy()
+            land = landscape(loss_and_grad(net, x, y), params,
+                             [config.lr * k for k in config.step_sizes])
+            record["step"].append(step)
+            for key in ("loss_range", "grad_change", "grad_norm", "relative_grad_change"):
+                record[key].append(land[key])
+            record["test_accuracy"].append(
+                _evaluate(net, data.test[0].astype(np.float64), data.test[1], "cpu")["accuracy"])
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.update(1)
+    bar.close()
+    layers = {}
+    for n_layer, i in enumerate(hidden, 1):
+        layers[f"layer {n_layer + 1} input"] = {
+            k: float(drift(v).mean()) for k, v in stats[i].items()}
+    first = stats[hidden[-1]]  # one unit of the last hidden layer, as in the paper's Fig. 1
+    unit = {f"p{q}": [float(v[0]) for v in first[f"p{q}"]] for q in (15, 50, 85)}
+    return {"config": name, **record, "drift": layers, "unit_percentiles": unit,
+            "final_test_accuracy": record["test_accuracy"][-1]}
+
+
+def run_ics(config: IcsConfig, out=None, progress: bool = True, print_fn=print) -> dict:
+    """Internal covariate shift, measured, against Santurkar et al.'s landscape view: the
+    paper's MLP without BN, with BN and with noisy BN (time-varying random shift and scale
+    injected after every BN layer). Per hidden layer, how far the next layer's input
+    distribution moves between probes; test accuracy; the loss range and the gradient
+    change along the gradient direction."""
+    data = datasets.load(config.dataset)
+    runs = [_ics_run(name, config, data, progress, f"ics {i}/{len(CONFIGS)}: {name}")
+            for i, name in enumerate(CONFIGS, 1)]
+    results = {"experiment": "ics", "dataset": data.name, "config": asdict(config),
+               "runs": runs, "environment": environment()}
+    return finish(results, out, "ics", print_fn)
