@@ -195,6 +195,7 @@ def test_fold_batchnorm_leaves_or_names_a_bn_after_anything_else():
                                 torch.nn.BatchNorm2d(3)).double()
     trained(model, [torch.randn(4, 2, 6, 6, dtype=D)])
     folded = bt.fold_batchnorm(model)
+    assert not any(m.training for m in folded.modules())  # an evaluation-mode copy
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 1
     x = torch.randn(2, 2, 6, 6, dtype=D)
     close(folded(x).detach(), model(x).detach(), 1e-12)

@@ -362,7 +362,7 @@ def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Mo
                              f"uses")
     traced.graph.lint()
     traced.recompile()
-    return traced
+    return traced.eval()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
