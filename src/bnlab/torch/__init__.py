@@ -22,13 +22,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 from . import models
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert, revert
+from .doctor import doctor
 from .functional import BACKENDS, batch_norm
 from .sync import SyncBatchNorm
 from .variants import (BatchNormAct2d, BatchRenorm1d, BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm1d,
                        GhostBatchNorm2d, fold_batchnorm, freeze, recalibrate)
 
 __all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d",
-           "BatchRenorm1d",
-           "BatchRenorm2d", "FrozenBatchNorm2d",
-           "GhostBatchNorm1d", "GhostBatchNorm2d", "SyncBatchNorm", "batch_norm", "convert",
+           "BatchRenorm1d", "BatchRenorm2d", "FrozenBatchNorm2d", "GhostBatchNorm1d",
+           "GhostBatchNorm2d", "SyncBatchNorm", "batch_norm", "convert", "doctor",
            "fold_batchnorm", "freeze", "models", "recalibrate", "revert"]

@@ -1,0 +1,174 @@
+"""The BN doctor's rules, once, for bnlab models and torch models alike.
+
+:func:`bnlab.torch.doctor` and :func:`bnlab.nn.doctor` describe each BN layer of a model as
+a :class:`Layer` (NumPy arrays, no framework) and hand the descriptions to
+:func:`static_findings`. Each rule returns :class:`Finding` s with a code from the contract
+("Doctor" in shared/DESIGN.md), the layer's qualified name, a one-line message, the
+evidence as numbers and the fix.
+
+Static rules (parameters, buffers and flags only):
+
+* ``nonfinite-stats`` (error): NaN/inf in the running statistics or in gamma/beta.
+* ``keras-momentum`` (warning): momentum >= 0.5 in PyTorch's convention, where the new
+  batch gets weight ``momentum``: Keras's ``momentum=0.99`` copied over makes the running
+  statistics follow the last batch.
+* ``bias-before-bn`` (info): a Conv/Linear with a bias feeds the BN directly; BN subtracts
+  the mean, so the bias is cancelled (a wasted parameter).
+* ``dead-channel`` (warning): |gamma| <= ``DEAD_GAMMA`` or running_var <= ``DEAD_VAR``.
+* ``cold-stats`` (warning): fewer batches tracked than it takes the running averages to
+  forget their initial values (0 and 1) down to 5%: ``(1 - momentum)^n > 0.05``.
+* ``mixed-mode`` (warning): a BN layer in train mode inside a model in eval mode, or the
+  reverse.
+* ``frozen-train`` (warning): gamma and beta do not require grad (meant frozen) but the
+  layer is in train mode, so it still normalizes with, and updates from, batch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SEVERITIES = ("error", "warning", "info")
+DEAD_GAMMA = 1e-6
+DEAD_VAR = 1e-8
+FORGOTTEN = 0.05  # the initial values' weight below which the running averages are warm
+
+
+@dataclass
+class Finding:
+    """One problem found: ``code`` (the contract's), ``layer`` (the BN layer's qualified name
+    as in ``named_modules()``), ``severity`` ("error", "warning", "info"), a one-line
+    ``message``, ``evidence`` (numbers) and the ``fix``."""
+
+    code: str
+    layer: str
+    severity: str
+    message: str
+    evidence: dict = field(default_factory=dict)
+    fix: str = ""
+
+
+@dataclass
+class Layer:
+    """What the rules read of one BN layer (framework-free)."""
+
+    name: str
+    num_features: int
+    momentum: float | None
+    training: bool
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    running_mean: np.ndarray | None = None
+    running_var: np.ndarray | None = None
+    num_batches_tracked: int | None = None
+    params_trainable: bool = True
+    bias_before: str | None = None  # the Conv/Linear with a bias that feeds it, if known
+
+
+def warm_batches(momentum: float | None) -> int:
+    """Batches after which the running averages' initial values weigh less than 5%."""
+    if momentum is None:  # the cumulative average: the initial values are gone at once
+        return 1
+    if momentum >= 1:
+        return 1
+    if momentum <= 0:
+        return math.inf
+    return math.ceil(math.log(FORGOTTEN) / math.log(1.0 - momentum))
+
+
+def static_findings(layers, model_training: bool) -> list[Finding]:
+    """Every static rule (module docstring) on every layer, in the layers' order."""
+    out = []
+    for layer in layers:
+        for rule in RULES:
+            finding = rule(layer, model_training)
+            if finding is not None:
+                out.append(finding)
+    return out
+
+
+def _nonfinite(layer: Layer, model_training: bool):
+    bad = {name: int((~np.isfinite(v)).sum())
+           for name, v in (("running_mean", layer.running_mean), ("running_var",
+                                                                  layer.running_var),
+                           ("weight", layer.weight), ("bias", layer.bias))
+           if v is not None and not np.isfinite(v).all()}
+    if not bad:
+        return None
+    return Finding("nonfinite-stats", layer.name, "error",
+                   f"NaN/inf in {', '.join(bad)}: evaluation outputs will be NaN",
+                   {f"nonfinite_{k}": v for k, v in bad.items()},
+                   "recalibrate the running statistics (bnlab recalibrate) from clean batches, "
+                   "and find the overflowing step (mixed precision: a gradient scaler)")
+
+
+def _keras_momentum(layer: Layer, model_training: bool):
+    if layer.momentum is None or layer.momentum < 0.5:
+        return None
+    return Finding("keras-momentum", layer.name, "warning",
+                   f"momentum {layer.momentum:g}: the running statistics follow the last "
+                   f"batch (Keras's 0.99 is PyTorch's 0.01)", {"momentum": layer.momentum},
+                   f"use momentum {1 - layer.momentum:g} (PyTorch's convention)")
+
+
+def _bias_before(layer: Layer, model_training: bool):
+    if layer.bias_before is None:
+        return None
+    return Finding("bias-before-bn", layer.name, "info",
+                   f"{layer.bias_before} has a bias that this BN cancels (it subtracts the "
+                   f"mean)", {}, f"create {layer.bias_before} with bias=False")
+
+
+def _dead(layer: Layer, model_training: bool):
+    dead = np.zeros(layer.num_features, bool)
+    if layer.weight is not None:
+        dead |= np.abs(layer.weight) <= DEAD_GAMMA
+    if layer.running_var is not None:
+        dead |= layer.running_var <= DEAD_VAR
+    if not dead.any():
+        return None
+    channels = np.flatnonzero(dead)
+    return Finding("dead-channel", layer.name, "warning",
+                   f"{len(channels)} of {layer.num_features} channels are dead (gamma or "
+                   f"running variance ~0): {channels[:8].tolist()}",
+                   {"dead_channels": len(channels), "first": int(channels[0])},
+                   "check the initialization and weight decay on gamma; prune the channels")
+
+
+def _cold(layer: Layer, model_training: bool):
+    if layer.num_batches_tracked is None or layer.running_mean is None:
+        return None
+    need = warm_batches(layer.momentum)
+    if layer.num_batches_tracked >= need:
+        return None
+    return Finding("cold-stats", layer.name, "warning",
+                   f"{layer.num_batches_tracked} batches tracked; momentum "
+                   f"{layer.momentum} needs {need} before the running statistics forget "
+                   f"their initial values", {"num_batches_tracked": layer.num_batches_tracked,
+                                             "needed": need},
+                   "train longer, or recalibrate (bnlab recalibrate) on a few hundred batches")
+
+
+def _mixed(layer: Layer, model_training: bool):
+    if layer.training == model_training:
+        return None
+    return Finding("mixed-mode", layer.name, "warning",
+                   f"this BN is in {'train' if layer.training else 'eval'} mode inside a model "
+                   f"in {'train' if model_training else 'eval'} mode",
+                   {"layer_training": int(layer.training), "model_training": int(model_training)},
+                   "call model.eval() / model.train() after changing submodules' modes, or set "
+                   "the mode deliberately and document it")
+
+
+def _frozen_train(layer: Layer, model_training: bool):
+    if layer.weight is None or layer.params_trainable or not layer.training:
+        return None
+    return Finding("frozen-train", layer.name, "warning",
+                   "gamma and beta do not learn, but the layer is in train mode: it still "
+                   "normalizes with and updates from batch statistics", {},
+                   "put the layer in eval mode (or use FrozenBatchNorm2d / bnlab freeze)")
+
+
+RULES = (_nonfinite, _keras_momentum, _bias_before, _dead, _cold, _mixed, _frozen_train)

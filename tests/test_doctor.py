@@ -1,0 +1,100 @@
+"""The BN doctor's static checks (issue 14, first part): each planted problem is reported
+with exactly its code on exactly its layer; a clean trained model gets nothing above info;
+the model is not changed."""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnlab.torch as bt  # noqa: E402
+from bnlab import doctor as D  # noqa: E402
+
+
+def trained_cnn():
+    """The torch seed CNN with BN after some training batches (warm statistics)."""
+    net = bt.models.seed_cnn(image_size=12, channels=(4, 6))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        x = torch.rand(16, 1, 12, 12, generator=g)
+        loss = torch.nn.functional.cross_entropy(net(x), torch.randint(0, 10, (16,), generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def codes(findings, above_info=False):
+    return sorted((f.code, f.layer) for f in findings
+                  if not above_info or f.severity in ("error", "warning"))
+
+
+def test_a_clean_trained_model_has_nothing_above_info_and_is_not_changed():
+    net = trained_cnn()
+    before = copy.deepcopy(net.state_dict())
+    modes = [m.training for m in net.modules()]
+    assert codes(bt.doctor(net), above_info=True) == []
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert [m.training for m in net.modules()] == modes
+
+
+@pytest.mark.parametrize("code,plant", [
+    ("nonfinite-stats", lambda net: net[1].running_var.__setitem__(2, float("nan"))),
+    ("keras-momentum", lambda net: setattr(net[1], "momentum", 0.99)),
+    ("dead-channel", lambda net: net[1].weight.data.__setitem__(0, 0.0)),
+    ("cold-stats", lambda net: net[1].num_batches_tracked.fill_(3)),
+    ("mixed-mode", lambda net: net[1].train()),
+    ("frozen-train", lambda net: (net.train(), [p.requires_grad_(False)
+                                                for p in net[1].parameters()])),
+])
+def test_each_planted_problem_is_reported_exactly(code, plant):
+    net = trained_cnn()
+    plant(net)
+    found = codes(bt.doctor(net), above_info=True)
+    if code == "frozen-train":  # the whole model is in train mode: only layer 1 is frozen
+        assert found == [("frozen-train", "1")]
+    else:
+        assert found == [(code, "1")]
+    f = next(f for f in bt.doctor(net) if f.code == code)
+    assert f.message and f.fix and f.severity in D.SEVERITIES
+
+
+def test_bias_before_bn_names_the_bn_and_the_layer():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.ReLU())
+    found = [f for f in bt.doctor(net) if f.code == "bias-before-bn"]
+    assert [(f.layer, f.severity) for f in found] == [("1", "info")]
+    assert "0" in found[0].message and "bias=False" in found[0].fix
+
+
+def test_warm_batches():
+    assert D.warm_batches(0.1) == 29  # 0.9^29 < 0.05 <= 0.9^28
+    assert 0.9 ** 29 < 0.05 <= 0.9 ** 28
+    assert D.warm_batches(None) == 1
+
+
+def test_dynamic_checks_say_they_are_not_there_yet():
+    with pytest.raises(NotImplementedError, match="dynamic checks"):
+        bt.doctor(trained_cnn(), batches=[torch.zeros(2, 1, 12, 12)])
+
+
+def test_nn_models_get_the_same_static_checks():
+    from bnlab import models, nn
+
+    net = models.seed_cnn(image_size=12, channels=(4, 6))
+    g = np.random.default_rng(0)
+    for _ in range(40):
+        net(g.random((8, 1, 12, 12)).astype(np.float32))
+    net.eval()
+    before = net.state_dict()
+    assert codes(nn.doctor(net), above_info=True) == []
+    assert all(np.array_equal(v, before[k]) for k, v in net.state_dict().items())
+    net[1].momentum = 0.99
+    net[5].running_var[1] = np.inf
+    assert codes(nn.doctor(net), above_info=True) == [("keras-momentum", "1"),
+                                                      ("nonfinite-stats", "5")]
+    mlp = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    assert [(f.code, f.layer) for f in nn.doctor(mlp)] == [("bias-before-bn", "1"),
+                                                            ("cold-stats", "1")]
