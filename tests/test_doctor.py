@@ -1,6 +1,6 @@
-"""The BN doctor's static checks (issue 14, first part): each planted problem is reported
-with exactly its code on exactly its layer; a clean trained model gets nothing above info;
-the model is not changed."""
+"""The BN doctor (issue 14, first part: the rules, static and dynamic, for torch and bnlab
+models): each planted problem is reported with exactly its code on exactly its layer; a
+clean trained model gets nothing above info; the model is not changed."""
 
 import copy
 
@@ -75,9 +75,54 @@ def test_warm_batches():
     assert D.warm_batches(None) == 1
 
 
-def test_dynamic_checks_say_they_are_not_there_yet():
-    with pytest.raises(NotImplementedError, match="dynamic checks"):
-        bt.doctor(trained_cnn(), batches=[torch.zeros(2, 1, 12, 12)])
+def test_small_batch_is_reported_for_layers_in_training():
+    net = trained_cnn().train()
+    g = torch.Generator().manual_seed(1)
+    small = [torch.rand(2, 1, 12, 12, generator=g)]  # layer 5 sees 2*6*6 = 72, layer 1 288
+    found = codes(bt.doctor(net, small), above_info=True)
+    assert ("small-batch", "1") not in found and ("small-batch", "5") not in found
+    tiny = bt.models.seed_cnn(image_size=4, channels=(4, 6)).train()
+    found = [f for f in bt.doctor(tiny, [torch.rand(2, 1, 4, 4, generator=g)])
+             if f.code == "small-batch"]
+    # layer 1 sees 2*4*4 = 32 values per channel (enough), layer 5 2*2*2 = 8
+    assert [(f.layer, f.evidence["values_per_channel"]) for f in found] == [("5", 8)]
+
+
+def test_stale_statistics_on_real_digits_and_recalibrate_closes_the_gap():
+    """The seed CNN trained on the embedded digits, then its running statistics spoiled
+    (momentum 0.99 for a few batches of shifted data): the doctor names the stale layers
+    with the eval/batch/recalibrated accuracies, and recalibrating closes the gap."""
+    from bnlab import data
+
+    d = data.load("mnist-5k")
+    net = bt.models.seed_cnn()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    images, labels = torch.from_numpy(d.train[0]), torch.from_numpy(d.train[1]).long()
+    for i in range(0, 64 * 60, 64):
+        loss = torch.nn.functional.cross_entropy(net(images[i:i + 64]), labels[i:i + 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # spoil: momentum 0.99 on shifted data
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.99
+        for i in range(3):
+            net(images[i * 64:(i + 1) * 64] * 3 + 1)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = 0.1
+    net.eval()
+    before = copy.deepcopy(net.state_dict())
+    xs = [torch.from_numpy(d.test[0][i:i + 250]) for i in range(0, 1000, 250)]
+    ys = [torch.from_numpy(d.test[1][i:i + 250]) for i in range(0, 1000, 250)]
+    stale = [f for f in bt.doctor(net, xs, ys) if f.code == "stale-stats"]
+    assert stale and stale[0].layer == "1"
+    ev = stale[0].evidence
+    assert ev["accuracy_running_stats"] < 0.5 < ev["accuracy_recalibrated_stats"]
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched
+    bt.recalibrate(net, xs)
+    assert not [f for f in bt.doctor(net, xs, ys) if f.code == "stale-stats"]
 
 
 def test_nn_models_get_the_same_static_checks():

@@ -21,6 +21,14 @@ Static rules (parameters, buffers and flags only):
   reverse.
 * ``frozen-train`` (warning): gamma and beta do not require grad (meant frozen) but the
   layer is in train mode, so it still normalizes with, and updates from, batch statistics.
+
+Dynamic rules (with batches run through copies of the model):
+
+* ``small-batch`` (warning): fewer than ``SMALL_BATCH`` values per channel reach the layer
+  in training: its batch statistics are noisy.
+* ``stale-stats`` (warning): the layer's running statistics are far from the exact ones
+  over the batches (recalibrated): the mean off by more than ``STALE_SHIFT`` standard
+  deviations, or the variance off by more than a factor ``STALE_RATIO``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ SEVERITIES = ("error", "warning", "info")
 DEAD_GAMMA = 1e-6
 DEAD_VAR = 1e-8
 FORGOTTEN = 0.05  # the initial values' weight below which the running averages are warm
+SMALL_BATCH = 32  # values per channel
+STALE_SHIFT = 0.5  # standard deviations
+STALE_RATIO = 2.0
 
 
 @dataclass
@@ -172,3 +183,32 @@ def _frozen_train(layer: Layer, model_training: bool):
 
 
 RULES = (_nonfinite, _keras_momentum, _bias_before, _dead, _cold, _mixed, _frozen_train)
+
+
+def small_batch_finding(name: str, values_per_channel: int):
+    if values_per_channel >= SMALL_BATCH:
+        return None
+    return Finding("small-batch", name, "warning",
+                   f"{values_per_channel} values per channel reach this BN in training "
+                   f"(fewer than {SMALL_BATCH}): its batch statistics are noisy",
+                   {"values_per_channel": values_per_channel},
+                   "use larger batches, GhostBatchNorm/BatchRenorm, SyncBatchNorm across "
+                   "processes, or freeze the layer (FrozenBatchNorm2d) when fine-tuning")
+
+
+def stale_finding(name: str, running_mean, running_var, exact_mean, exact_var, eps: float,
+                  model_evidence: dict):
+    """Compare a layer's running statistics with the exact ones over the batches."""
+    std = np.sqrt(np.asarray(exact_var, np.float64) + eps)
+    shift = float(np.max(np.abs(np.asarray(running_mean) - exact_mean) / std))
+    ratio = float(np.max(np.maximum((running_var + eps) / (exact_var + eps),
+                                    (exact_var + eps) / (running_var + eps))))
+    if shift <= STALE_SHIFT and ratio <= STALE_RATIO:
+        return None
+    return Finding("stale-stats", name, "warning",
+                   f"running statistics far from the batches' (mean off by {shift:.2f} "
+                   f"standard deviations, variance by a factor {ratio:.2f}): evaluation "
+                   f"outputs differ from training's",
+                   {"mean_shift_std": shift, "var_ratio": ratio, **model_evidence},
+                   "recalibrate the running statistics on representative batches "
+                   "(bnlab recalibrate / torch.optim.swa_utils.update_bn)")
