@@ -264,12 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--activations", nargs="+", choices=["sigmoid", "relu"],
                            default=list(d.activations), help="default sigmoid relu")
+    def run_options(q, d, name):
+        """--dataset, --out and --no-progress of one experiment with defaults ``d``."""
+        q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                       help=f"default {d.dataset}")
+        q.add_argument("--out", default=None, help=f"run folder (default runs/{name}-<time>)")
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     d = R.IcsConfig()
     text = ("internal covariate shift, measured (per-layer input drift), against Santurkar et "
             "al. (2018): noisy BN and the loss landscape along the gradient (needs bnlab[torch])")
     q = rsub.add_parser("ics", help=text, description=text + ".")
-    q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
-                   help=f"default {d.dataset}")
+    run_options(q, d, "ics")
     q.add_argument("--steps", type=_positive_int, default=d.steps, help=f"default {d.steps}")
     q.add_argument("--lr", type=_positive_float, default=d.lr, help=f"default {d.lr}")
     q.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
@@ -277,16 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"steps between measurements (default {d.probe_every})")
     q.add_argument("--noise", type=_positive_float, default=d.noise,
                    help=f"noisy BN's shift/scale noise (default {d.noise})")
-    q.add_argument("--out", default=None, help="run folder (default runs/ics-<time>)")
-    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     d = R.RegularizationConfig()
     text = ("does BN regularize? the MLP and the seed CNN, BN on/off x dropout on/off, several "
             "seeds, until the training accuracy saturates: the generalization gap (needs "
             "bnlab[torch])")
     q = rsub.add_parser("regularization", help=text, description=text + ".")
-    q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
-                   help=f"default {d.dataset}")
+    run_options(q, d, "regularization")
     q.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=list(d.models),
                    help=f"default {list(d.models)}")
     q.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds),
@@ -298,15 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lr", type=_positive_float, default=d.lr, help=f"default {d.lr}")
     q.add_argument("--dropout", type=_fraction, default=d.dropout,
                    help=f"dropout probability where it is on (default {d.dropout})")
-    q.add_argument("--out", default=None, help="run folder (default runs/regularization-<time>)")
-    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     d = R.SmallBatchConfig()
     text = ("why the BN variants exist: the seed CNN at batch sizes 2-32 (same samples seen) "
             "with BN, ghost BN and batch renorm, several seeds: eval accuracy and train/eval gap")
     q = rsub.add_parser("small-batch", help=text, description=text + ".")
-    q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
-                   help=f"default {d.dataset}")
+    run_options(q, d, "small-batch")
     q.add_argument("--model", choices=["cnn", "mlp"], default=d.model,
                    help="cnn: the seed CNN (BN over N*H*W values per channel); mlp: the "
                         "paper's MLP (BN over N values per unit) (default cnn)")
@@ -320,8 +320,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training samples seen per run (default {d.samples})")
     q.add_argument("--lr32", type=_positive_float, default=d.lr32,
                    help=f"learning rate at batch 32, scaled linearly (default {d.lr32})")
-    q.add_argument("--out", default=None, help="run folder (default runs/small-batch-<time>)")
-    q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild a run folder's figures and report.md",

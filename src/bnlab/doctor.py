@@ -78,6 +78,23 @@ class Layer:
     bias_before: str | None = None  # the Conv/Linear with a bias that feeds it, if known
 
 
+def biases_before(model, sequential: type, bn: type, weighted: tuple) -> dict:
+    """BN qualified name -> the layer (of ``weighted`` types, with a bias) right before it
+    in a ``sequential`` container: bnlab and torch models alike (``named_modules()``,
+    ``_modules``)."""
+    found = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, sequential):
+            continue
+        pre = f"{prefix}." if prefix else ""
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:]):
+            prev, cur = seq._modules[a], seq._modules[b]
+            if isinstance(cur, bn) and isinstance(prev, weighted) and prev.bias is not None:
+                found[pre + b] = pre + a
+    return found
+
+
 def warm_batches(momentum: float | None) -> int:
     """Batches after which the running averages' initial values weigh less than 5%."""
     if momentum is None:  # the cumulative average: the initial values are gone at once

@@ -437,6 +437,7 @@ class _Launch:
     else one extra small kernel adds them once."""
 
     def __init__(self, x: torch.Tensor, fmt: torch.memory_format):
+        self.fmt = fmt
         C = x.shape[1]
         spatial = math.prod(x.shape[2:])
         tile = TILE_BYTES // x.element_size()
@@ -488,6 +489,17 @@ def _check(x: torch.Tensor, name: str = "x") -> None:
                          f"got shape {tuple(x.shape)}")
 
 
+def _prepare(x, dy=None):
+    """Checked x in its memory format (other strides copied), dy in the same layout (it
+    may come in another), and the launch geometry."""
+    _check(x)
+    fmt = memory_format(x)
+    x = x.contiguous(memory_format=fmt)
+    if dy is not None:
+        dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+    return x, dy, _Launch(x, fmt)
+
+
 def _stats_like(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(x.shape[1], dtype=dtype, device=x.device)
 
@@ -521,15 +533,12 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
         y (x's shape, dtype and memory format); (C,) mean (float64: the float32 pair k + d,
         exactly), var (biased) and inv_std (float32).
     """
-    _check(x)
-    fmt = memory_format(x)
-    x = x.contiguous(memory_format=fmt)
-    run = _Launch(x, fmt)
+    x, _, run = _prepare(x)
     m = run.N * run.L
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
     _stats_kernel[run.grid](x, parts, bad, *run.args(), **run.meta())
-    y = torch.empty_like(x, memory_format=fmt)
+    y = torch.empty_like(x, memory_format=run.fmt)
     mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
     update = running_mean is not None and running_var is not None
     stats = dict(n_bad=bad.numel(), m=float(m), eps=float(eps), momentum=float(momentum),
@@ -552,11 +561,8 @@ def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
     """y = (x - mean) / sqrt(var + eps) * weight + bias with given (C,) statistics (any float
     dtype); one launch. Returns y and (C,) copies of mean (float64) and inv_std (float32),
     for the backward."""
-    _check(x)
-    fmt = memory_format(x)
-    x = x.contiguous(memory_format=fmt)
-    run = _Launch(x, fmt)
-    y = torch.empty_like(x, memory_format=fmt)
+    x, _, run = _prepare(x)
+    y = torch.empty_like(x, memory_format=run.fmt)
     mean_out, inv_std = _stats_like(x, torch.float64), _stats_like(x)
     _normalize_kernel[run.grid](
         x, y, None, None, weight, bias, mean, var, mean_out, None, inv_std, None, None, None,
@@ -587,17 +593,13 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
 
     Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta.
     """
-    _check(x)
-    fmt = memory_format(x)
-    x = x.contiguous(memory_format=fmt)
-    dy = dy.to(x.dtype).contiguous(memory_format=fmt)  # dy may come in another layout
-    run = _Launch(x, fmt)
+    x, dy, run = _prepare(x, dy)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     relu = _relu(act)
     act_args = dict(RELU=relu, HAS_W=weight is not None, HAS_B=bias is not None)
     _grad_sums_kernel[run.grid](dy, x, mean, parts, inv_std, weight, bias, *run.args(),
                                 **act_args, **run.meta())
-    dx = torch.empty_like(x, memory_format=fmt)
+    dx = torch.empty_like(x, memory_format=run.fmt)
     dgamma, dbeta = _stats_like(x), _stats_like(x)
     if not run.fused:
         grid, BC, PB = run.finalize_grid()
@@ -614,10 +616,7 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
 def moments(x):
     """Batch mean (float64, the exact float32 pair) and biased var (float32), (C,) each: the
     statistics half of :func:`train_forward` (two launches)."""
-    _check(x)
-    fmt = memory_format(x)
-    x = x.contiguous(memory_format=fmt)
-    run = _Launch(x, fmt)
+    x, _, run = _prepare(x)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
     _stats_kernel[run.grid](x, parts, bad, *run.args(), **run.meta())
@@ -633,11 +632,7 @@ def moments(x):
 def grad_sums(dy, x, mean):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (float32, (C,)): the reductions
     of :func:`backward` (two launches)."""
-    _check(x)
-    fmt = memory_format(x)
-    x = x.contiguous(memory_format=fmt)
-    dy = dy.to(x.dtype).contiguous(memory_format=fmt)
-    run = _Launch(x, fmt)
+    x, dy, run = _prepare(x, dy)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     _grad_sums_kernel[run.grid](dy, x, mean, parts, None, None, None, *run.args(), RELU=False,
                                 HAS_W=False, HAS_B=False, **run.meta())
@@ -651,12 +646,8 @@ def grad_sums(dy, x, mean):
 def dx_from_sums(dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count: int):
     """dx of :func:`backward` (batch statistics) from given float32 (C,) sums over ``count``
     values per channel, e.g. summed over every process (one launch)."""
-    _check(x)
-    fmt = memory_format(x)
-    x = x.contiguous(memory_format=fmt)
-    dy = dy.to(x.dtype).contiguous(memory_format=fmt)
-    run = _Launch(x, fmt)
-    dx = torch.empty_like(x, memory_format=fmt)
+    x, dy, run = _prepare(x, dy)
+    dx = torch.empty_like(x, memory_format=run.fmt)
     dgamma = (sum_dy_xmu * inv_std).to(torch.float32)
     _dx_kernel[run.grid](dy, x, dx, None, mean, inv_std, weight, None, dgamma,
                          sum_dy.to(torch.float32), *run.args(), float(count), PB=1,

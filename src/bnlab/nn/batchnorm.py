@@ -96,12 +96,8 @@ class _BatchNorm(Module):
             y, cache = F.batch_norm_forward(x, gamma, beta, self.eps, self.axis, mask=mask,
                                             act=self.act)
             if self.training and self.running_mean is not None:
-                self.num_batches_tracked += 1
-                momentum = (1.0 / self.num_batches_tracked if self.momentum is None
-                            else self.momentum)
                 m = x.size // self.num_features if mask is None else int(cache.mask.sum())
-                F.update_running_stats(self.running_mean, self.running_var, cache.mean,
-                                       cache.var, m, momentum)
+                self._update_running(cache.mean, cache.var, m)
         else:
             y, cache = F.batch_norm_inference(x, self.running_mean, self.running_var,
                                               gamma, beta, self.eps, self.axis, act=self.act)
@@ -113,10 +109,21 @@ class _BatchNorm(Module):
         if self._cache is None:
             raise RuntimeError("backward called before forward")
         dx, dgamma, dbeta = F.batch_norm_backward(dy, self._cache)
+        self._accumulate(dgamma, dbeta)
+        return dx
+
+    def _update_running(self, mean, var, m: int) -> None:
+        """Count the batch and update the running statistics with its (biased) mean and
+        var over m values (momentum None: the cumulative average)."""
+        self.num_batches_tracked += 1
+        momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        F.update_running_stats(self.running_mean, self.running_var, mean, var, m, momentum)
+
+    def _accumulate(self, dgamma, dbeta) -> None:
+        """Add dgamma, dbeta to the parameters' gradients (nothing without affine)."""
         if self.weight is not None:
             self.weight.grad += dgamma.astype(self.weight.grad.dtype, copy=False)
             self.bias.grad += dbeta.astype(self.bias.grad.dtype, copy=False)
-        return dx
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -40,11 +40,7 @@ class _Ghost:
         y, caches = F.ghost_batch_norm_forward(x, gamma, beta, self.eps,
                                                self.virtual_batch_size, self.axis)
         if self.training and self.running_mean is not None:
-            self.num_batches_tracked += 1
-            momentum = (1.0 / self.num_batches_tracked if self.momentum is None
-                        else self.momentum)
-            mean, var, m = F.ghost_statistics(caches)
-            F.update_running_stats(self.running_mean, self.running_var, mean, var, m, momentum)
+            self._update_running(*F.ghost_statistics(caches))
         self._cache = caches
         return y
 
@@ -52,9 +48,7 @@ class _Ghost:
         if not isinstance(self._cache, list):
             return super().backward(dy)
         dx, dgamma, dbeta = F.ghost_batch_norm_backward(dy, self._cache)
-        if self.weight is not None:
-            self.weight.grad += dgamma.astype(self.weight.grad.dtype, copy=False)
-            self.bias.grad += dbeta.astype(self.bias.grad.dtype, copy=False)
+        self._accumulate(dgamma, dbeta)
         return dx
 
     def extra_repr(self) -> str:
@@ -119,10 +113,7 @@ class _Renorm:
         bn = cache.bn
         F.update_renorm_stats(self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std,
                               self.renorm_momentum)
-        self.num_batches_tracked += 1
-        momentum = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-        F.update_running_stats(self.running_mean, self.running_var, bn.mean, bn.var,
-                               x.size // self.num_features, momentum)
+        self._update_running(bn.mean, bn.var, x.size // self.num_features)
         self._cache = cache
         return y
 
@@ -130,9 +121,7 @@ class _Renorm:
         if not isinstance(self._cache, F.RenormCache):
             return super().backward(dy)
         dx, dgamma, dbeta = F.batch_renorm_backward(dy, self._cache)
-        if self.weight is not None:
-            self.weight.grad += dgamma.astype(self.weight.grad.dtype, copy=False)
-            self.bias.grad += dbeta.astype(self.bias.grad.dtype, copy=False)
+        self._accumulate(dgamma, dbeta)
         return dx
 
     def extra_repr(self) -> str:
@@ -269,14 +258,25 @@ def recalibrate(model: Module, batches) -> Module:
     variances. Returns the model."""
     bns = [m for _, m in model.named_modules() if isinstance(m, _BatchNorm)
            and m.running_mean is not None]
+    return recalibrate_layers(model, bns, batches, _reset_running_stats)
+
+
+def _reset_running_stats(bn) -> None:
+    bn.running_mean[...] = 0
+    bn.running_var[...] = 1
+    bn.num_batches_tracked = 0
+
+
+def recalibrate_layers(model, bns, batches, reset):
+    """The bookkeeping of precise BN, for bnlab and torch models alike: ``reset`` each of
+    the BN layers ``bns``, make their running averages cumulative (momentum None), run
+    ``batches`` through ``model`` in train mode, then restore the momenta and the mode."""
     if not bns:
         return model
     momenta = [bn.momentum for bn in bns]
     was_training = model.training
     for bn in bns:
-        bn.running_mean[...] = 0
-        bn.running_var[...] = 1
-        bn.num_batches_tracked = 0
+        reset(bn)
         bn.momentum = None  # cumulative average: 1 / n for the n-th batch
     model.train()
     try:
@@ -346,16 +346,7 @@ def doctor(model: Module, batches=None, targets=None) -> list:
     if batches is not None or targets is not None:
         raise NotImplementedError("doctor's dynamic checks (batches=, targets=) are not "
                                   "implemented yet; call doctor(model) for the static ones")
-    before = {}
-    for prefix, seq in model.named_modules():
-        if isinstance(seq, Sequential):
-            names = list(seq._modules)
-            for a, b in zip(names, names[1:]):
-                prev, cur = seq._modules[a], seq._modules[b]
-                if isinstance(cur, _BatchNorm) and isinstance(prev, (Conv2d, Linear)) and \
-                        prev.bias is not None:
-                    pre = f"{prefix}." if prefix else ""
-                    before[pre + b] = pre + a
+    before = D.biases_before(model, Sequential, _BatchNorm, (Conv2d, Linear))
     layers = []
     for name, m in model.named_modules():
         if not isinstance(m, _BatchNorm):

@@ -489,6 +489,21 @@ class ActFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None, None, None
 
 
+def engine_for(device: torch.device) -> Engine:
+    """The kernel family for buffers on ``device``: Triton on CUDA, numba elsewhere."""
+    return ENGINES["triton" if device.type == "cuda" else "numba"]
+
+
+def update_running(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
+                   mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> None:
+    """:func:`update_impl`'s semantics (NaN guard included) on buffers on any device, from
+    (C,) batch mean and biased var of any float dtype."""
+    if running_mean.device.type != "cuda":  # numba's update works on float64 NumPy views
+        mean, var = mean.double(), var.double()
+    engine_for(running_mean.device).update(running_mean, running_var, num_batches_tracked,
+                                           mean, var, count, momentum)
+
+
 def count_per_channel(x: Tensor) -> int:
     """m, the number of values per channel."""
     return x.numel() // x.shape[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
@@ -15,25 +14,9 @@ def _np(t):
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 
-def _biases_before(model: torch.nn.Module) -> dict:
-    """BN qualified name -> the Conv/Linear (with a bias) right before it in a Sequential."""
-    found = {}
-    for prefix, seq in model.named_modules():
-        if not isinstance(seq, torch.nn.Sequential):
-            continue
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            prev, cur = seq._modules[a], seq._modules[b]
-            if isinstance(cur, _TorchBatchNorm) and isinstance(prev, _WEIGHTED) and \
-                    prev.bias is not None:
-                pre = f"{prefix}." if prefix else ""
-                found[pre + b] = pre + a
-    return found
-
-
 def describe(model: torch.nn.Module) -> list[D.Layer]:
     """Every BN layer of ``model`` as :class:`bnlab.doctor.Layer` (copies; nothing changes)."""
-    before = _biases_before(model)
+    before = D.biases_before(model, torch.nn.Sequential, _TorchBatchNorm, _WEIGHTED)
     layers = []
     for name, m in model.named_modules():
         if not isinstance(m, _TorchBatchNorm):

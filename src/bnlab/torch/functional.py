@@ -24,9 +24,9 @@ function exactly, for comparison.
 Gradients: first order (autograd, gradcheck). Second derivatives are not implemented and
 say so (a RuntimeError), rather than coming out silently wrong.
 
-One deliberate difference from torch, on every path of ``"auto"``/``"numba"``/``"triton"``: a training
-batch whose statistics are not finite (NaN/inf in the input: a mixed-precision overflow
-step) gives NaN output as torch does, so a gradient scaler still skips the step, but leaves
+One deliberate difference from torch, on every path of ``"auto"``/``"numba"``/``"triton"``:
+a training batch whose statistics are not finite (NaN/inf in the input: a mixed-precision
+overflow step) gives NaN output as torch does, so a gradient scaler still skips the step, but leaves
 ``running_mean``, ``running_var`` (and a module's ``num_batches_tracked``) unchanged. In
 torch they become NaN and the model is ruined for evaluation.
 """
@@ -96,8 +96,7 @@ def kernel_engine(backend: str, x: torch.Tensor, running_mean, running_var, weig
         return None
     params = (running_mean, running_var, weight, bias)
     if backend == "triton":
-        kernels.resolve_triton()  # the ImportError that says why Triton is missing
-        kernels.resolve_triton().check_device(x)
+        kernels.resolve_triton().check_device(x)  # or the ImportError saying why Triton is missing
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(f'backend="triton" takes float32, float16 or bfloat16 tensors, '
                             f'got {x.dtype}')

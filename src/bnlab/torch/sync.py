@@ -179,7 +179,7 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
                     f" got {input.dtype} on {input.device}")
             engine = _ops.ENGINES[name]
         else:  # an empty slice on this rank: no kernel runs, only the all-reduces
-            engine = _ops.ENGINES["triton" if input.device.type == "cuda" else "numba"]
+            engine = _ops.engine_for(input.device)
         momentum = self.momentum
         nbt = self.num_batches_tracked if update else None
         return SyncFunction.apply(input, self.weight, self.bias,

@@ -14,6 +14,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as BF
+from ..nn.variants import recalibrate_layers
 from . import _ops
 from . import functional as F
 from .batchnorm import _BatchNorm
@@ -65,12 +66,9 @@ class _Ghost:
         if self.track_running_stats:
             mean = torch.stack(means).mean(0)
             var = torch.stack(variances).mean(0)
-            m = _ops.count_per_channel(input) // len(ys)
-            engine = _ops.ENGINES["triton" if input.device.type == "cuda" else "numba"]
-            if input.device.type == "cpu":  # numba's update works on float64 NumPy views
-                mean, var = mean.double(), var.double()
-            engine.update(self.running_mean, self.running_var, self.num_batches_tracked,
-                          mean, var, m, self.momentum)
+            _ops.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
+                                mean, var, _ops.count_per_channel(input) // len(ys),
+                                self.momentum)
         return torch.cat(ys)
 
     def extra_repr(self) -> str:
@@ -137,11 +135,8 @@ class _Renorm:
             BF.update_renorm_stats(rm, rs, _np(mean), sigma_b, self.renorm_momentum)
             self.renorm_mean.copy_(torch.from_numpy(rm))
             self.renorm_std.copy_(torch.from_numpy(rs))
-            engine = _ops.ENGINES["triton" if input.device.type == "cuda" else "numba"]
-            if input.device.type == "cpu":
-                mean, var = mean.double(), var.double()
-            engine.update(self.running_mean, self.running_var, self.num_batches_tracked, mean,
-                          var, _ops.count_per_channel(input), self.momentum)
+            _ops.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
+                                mean, var, _ops.count_per_channel(input), self.momentum)
         return y
 
     def extra_repr(self) -> str:
@@ -292,23 +287,8 @@ def recalibrate(model: torch.nn.Module, batches) -> torch.nn.Module:
     and the model's train/eval mode. Returns the model."""
     bns = [m for m in model.modules() if isinstance(m, _TorchBatchNorm)
            and m.track_running_stats]
-    if not bns:
-        return model
-    momenta = [bn.momentum for bn in bns]
-    was_training = model.training
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average: 1 / n for the n-th batch
-    model.train()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
-    return model
+    with torch.no_grad():
+        return recalibrate_layers(model, bns, batches, lambda bn: bn.reset_running_stats())
 
 
 # --- folding ----------------------------------------------------------------------------------
