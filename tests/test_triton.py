@@ -32,6 +32,27 @@ def test_against_float64_reference(case):
     assert result["deterministic"] and result["memory_format_kept"]
 
 
+@pytest.fixture
+def fresh_geometry():
+    """Tests that change the tile constants: geometries are cached by shape, so start and
+    end with empty caches."""
+    tb.clear_caches()
+    yield
+    tb.clear_caches()
+
+
+def test_geometry_is_cached_by_shape_and_plans_only_on_cuda():
+    tb.clear_caches()
+    x = torch.empty(8, 3, 5, 5)
+    run = tb._geometry(x, torch.contiguous_format)
+    assert tb._geometry(torch.empty(8, 3, 5, 5), torch.contiguous_format) is run
+    assert tb._geometry(torch.empty(8, 3, 5, 6), torch.contiguous_format) is not run
+    assert tb._plan("train", x, None, True) is None  # CPU tensors: Triton's JIT every time
+    tb.clear_caches()
+    assert tb._geometry(x, torch.contiguous_format) is not run
+
+
+@pytest.mark.usefixtures("fresh_geometry")
 @pytest.mark.parametrize("programs_per_sm,fused_partials,finalize_partials", [
     (1, 1024, 4096), (3, 1024, 4096), (1000, 1024, 4096), (1000, 1, 4096), (1000, 1, 4)],
     ids=["few parts", "uneven", "one tile each", "added once", "added once in chunks"])
@@ -43,6 +64,8 @@ def test_split_reductions_agree(monkeypatch, programs_per_sm, fused_partials,
     monkeypatch.setattr(tb, "PROGRAMS_PER_SM", programs_per_sm)
     monkeypatch.setattr(tb, "FUSED_PARTIALS", fused_partials)
     monkeypatch.setattr(tb, "FINALIZE_PARTIALS", finalize_partials)
+    run = tb._geometry(torch.empty(40, 1, 3, 70), torch.contiguous_format)
+    assert run.fused == (run.P <= fused_partials)  # the geometry these constants give
     for case in (checks.Case((40, 1, 3, 70)), checks.Case((300, 3), dtype="float16"),
                  checks.Case((40, 2, 3, 70), "channels_last")):
         result = checks.run_case(case, "cpu", backend="triton")
@@ -99,6 +122,7 @@ def test_half_activations_with_float32_parameters():
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.usefixtures("fresh_geometry")
 @pytest.mark.parametrize("fused_partials", [1024, 1], ids=["added in place", "added once"])
 def test_nonfinite_batch_leaves_running_stats_unchanged(monkeypatch, fused_partials):
     monkeypatch.setattr(tb, "FUSED_PARTIALS", fused_partials)

@@ -54,7 +54,7 @@ def _specialize(fn, args, meta):
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
         value = meta[name] if name in meta else args[i]
-        if name in meta or value is None:
+        if name in meta or value is None or fn.params[i].is_constexpr:
             signature[name] = "constexpr"
             constexprs[(i,)] = value
         elif isinstance(value, torch.Tensor):
@@ -91,6 +91,7 @@ def launches(cases, multiprocessors: int):
     for name in kernels:
         saved[name] = getattr(tb, name)
         setattr(tb, name, _Recorder(saved[name], calls))
+    tb.clear_caches()  # geometries are cached by shape: make them with this SM count
     saved_check, saved_mp = tb.check_device, tb.multiprocessors
     tb.check_device = lambda x: None
     tb.multiprocessors = lambda device: multiprocessors
@@ -114,6 +115,7 @@ def launches(cases, multiprocessors: int):
         for name in kernels:
             setattr(tb, name, saved[name])
         tb.check_device, tb.multiprocessors = saved_check, saved_mp
+        tb.clear_caches()
     return out
 
 

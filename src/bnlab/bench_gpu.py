@@ -94,14 +94,20 @@ def _modules(case: GpuCase, device: str):
     return theirs, ours
 
 
-def bench_case(case: GpuCase, device: str = "cuda", rep_ms: int = 100) -> dict:
-    """Seconds per candidate and op, copy-times, and bnlab/torch ratios for one case."""
-    timer = _timer(device, rep_ms)
+def case_tensors(case: GpuCase, device: str):
+    """x and dy of a case: standard normal, in its dtype and memory format, on ``device``."""
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if case.fmt == "channels_last" else torch.contiguous_format
     dtype = getattr(torch, case.dtype)
     x = torch.randn(case.shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
     dy = torch.randn(case.shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    return x, dy
+
+
+def bench_case(case: GpuCase, device: str = "cuda", rep_ms: int = 100) -> dict:
+    """Seconds per candidate and op, copy-times, and bnlab/torch ratios for one case."""
+    timer = _timer(device, rep_ms)
+    x, dy = case_tensors(case, device)
     dst = torch.empty_like(x)
     seconds = {"copy": timer(lambda: dst.copy_(x))}
     for name, module in zip(("torch", "bnlab"), _modules(case, device)):

@@ -49,6 +49,7 @@ channel updates no running statistic and not ``num_batches_tracked``.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -463,20 +464,87 @@ class _Launch:
         self.PB = min(triton.next_power_of_2(self.P), max(1, FUSED_PARTIALS // BC))
         self.int64 = x.numel() >= 2**31
         self.num_warps = 8 if BN * BC * BL >= 4096 else 4
+        self.m = N * L  # values per channel
+        self.args = (N, C, L, *self.strides, self.TL, self.T, self.P)  # the kernels' sizes
+        self.tiles = (BN, BC, BL, self.int64)  # and their first constexprs
+        self.n_bad = blocks * self.P
+        self.BADB = triton.next_power_of_2(self.n_bad)
+        # the kernels that add up many parts: blocks of 8 channels (so that even C = 64 gets
+        # 8 programs), each reading [PB, BC] partial sums at a time
+        BC = min(triton.next_power_of_2(C), 8)
+        self.finalize = ((triton.cdiv(C, BC),), BC,
+                         max(1, min(triton.next_power_of_2(self.P), FINALIZE_PARTIALS // BC)))
 
-    def args(self):
-        return (self.N, self.C, self.L, *self.strides, self.TL, self.T, self.P)
 
-    def meta(self):
-        return dict(BN=self.BN, BC=self.BC, BL=self.BL, INT64=self.int64,
-                    num_warps=self.num_warps)
+# --- launching -------------------------------------------------------------------------------
+# Host time matters as much as the kernels': a training step is four or five launches, and
+# Triton's JIT launch path (binding and specializing some 40 arguments) costs ~25 us each, more
+# than a small tensor's kernels take. So a host call's geometry is cached by shape, and its
+# launches by everything that decides Triton's specialization of them (shapes and strides,
+# dtypes, which tensors are None, pointer alignment to 16 bytes, flags): the first call goes
+# through Triton's JIT (which compiles or finds the kernel), later ones launch the compiled
+# kernel directly with the same arguments. Kernels take every parameter positionally,
+# constexprs included, in the order of their definition, as Triton's own launcher does.
 
-    def finalize_grid(self):
-        """(grid, BC, PB) of the kernels that add up many parts: blocks of 8 channels (so
-        that even C = 64 gets 8 programs), each reading [PB, BC] partial sums at a time."""
-        BC = min(triton.next_power_of_2(self.C), 8)
-        return (triton.cdiv(self.C, BC),), BC, max(1, min(triton.next_power_of_2(self.P),
-                                                         FINALIZE_PARTIALS // BC))
+MAX_CACHED = 4096  # geometries or plans kept before a cache starts over
+_GEOMETRIES: dict = {}
+_PLANS: dict = {}
+
+
+def clear_caches() -> None:
+    """Forget cached geometries and launch plans (after changing the tile constants)."""
+    _GEOMETRIES.clear()
+    _PLANS.clear()
+
+
+def _geometry(x: torch.Tensor, fmt: torch.memory_format) -> _Launch:
+    key = (x.shape, fmt, x.dtype, x.device)
+    run = _GEOMETRIES.get(key)
+    if run is None:
+        if len(_GEOMETRIES) >= MAX_CACHED:
+            _GEOMETRIES.clear()
+        run = _GEOMETRIES[key] = _Launch(x, fmt)
+    return run
+
+
+def _spec(t):
+    """What Triton specializes a tensor argument on: dtype and 16-byte alignment."""
+    return None if t is None else (t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _plan(name: str, x: torch.Tensor, *items):
+    """The compiled launches of host call ``name`` on x for these tensors and flags (a list,
+    filled by the first call), or None where every launch goes through Triton's JIT (the
+    interpreter, non-CUDA tensors)."""
+    if x.device.type != "cuda" or triton_interpreted():
+        return None
+    key = (name, x.shape, x.stride(), x.dtype, x.device.index, x.data_ptr() % 16 == 0,
+           *(_spec(t) if isinstance(t, torch.Tensor) or t is None else t for t in items))
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= MAX_CACHED:
+            _PLANS.clear()
+        plan = _PLANS[key] = []
+    return plan
+
+
+_direct = [True]  # launch compiled kernels directly (set False if this Triton refuses)
+
+
+def _go(plan, i: int, kernel, grid: tuple, args: tuple, num_warps: int = 4) -> None:
+    """Launch ``kernel`` on ``grid`` with ``args`` (every parameter, in order): launch ``i``
+    of ``plan``, through the compiled kernel once the plan has it."""
+    if plan is not None and i < len(plan) and _direct[0]:
+        try:
+            plan[i](*args)
+            return
+        except Exception as e:  # noqa: BLE001 - an API this Triton lacks: its JIT path
+            _direct[0] = False
+            warnings.warn(f"bnlab: launching compiled Triton kernels directly failed ({e!r}); "
+                          "using Triton's JIT launch path", RuntimeWarning, stacklevel=2)
+    compiled = kernel[grid](*args, num_warps=num_warps)
+    if plan is not None and len(plan) == i and hasattr(compiled, "function"):
+        plan.append(compiled[tuple(grid) + (1,) * (3 - len(grid))])
 
 
 def _check(x: torch.Tensor, name: str = "x") -> None:
@@ -497,7 +565,7 @@ def _prepare(x, dy=None):
     x = x.contiguous(memory_format=fmt)
     if dy is not None:
         dy = dy.to(x.dtype).contiguous(memory_format=fmt)
-    return x, dy, _Launch(x, fmt)
+    return x, dy, _geometry(x, fmt)
 
 
 def _stats_like(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -508,6 +576,11 @@ def _relu(act: str) -> bool:
     if act not in ("identity", "relu"):
         raise ValueError(f'act must be "identity" or "relu", got {act!r}')
     return act == "relu"
+
+
+def _aligned(*tensors) -> bool:
+    """Fresh allocations are 16-byte aligned (torch's caching allocator: 512)."""
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=None,
@@ -534,26 +607,30 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
         exactly), var (biased) and inv_std (float32).
     """
     x, _, run = _prepare(x)
-    m = run.N * run.L
+    relu = _relu(act)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
-    _stats_kernel[run.grid](x, parts, bad, *run.args(), **run.meta())
     y = torch.empty_like(x, memory_format=run.fmt)
     mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
     update = running_mean is not None and running_var is not None
-    stats = dict(n_bad=bad.numel(), m=float(m), eps=float(eps), momentum=float(momentum),
-                 unbias=m / max(m - 1, 1), BADB=triton.next_power_of_2(bad.numel()),
-                 UPDATE=update, HAS_NBT=update and num_batches_tracked is not None)
+    has_nbt = update and num_batches_tracked is not None
+    plan = _plan("train", x, weight, bias, running_mean, running_var, num_batches_tracked,
+                 has_nbt, relu,
+                 _aligned(parts, bad, y, mean, var, inv_std))
+    m, unbias = float(run.m), run.m / max(run.m - 1, 1)
+    eps, momentum = float(eps), float(momentum)
+    _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
     if not run.fused:
-        grid, BC, PB = run.finalize_grid()
-        _finalize_stats_kernel[grid](x, parts, bad, mean, var, inv_std, running_mean,
-                                     running_var, num_batches_tracked, run.P, run.C,
-                                     run.strides[1], BC=BC, PB=PB, **stats)
-    _normalize_kernel[run.grid](
-        x, y, parts, bad, weight, bias, None, None, mean, var, inv_std,
-        running_mean, running_var, num_batches_tracked, *run.args(), **stats, PB=run.PB,
-        MODE=0 if run.fused else 1, HAS_W=weight is not None, HAS_B=bias is not None,
-        RELU=_relu(act), **run.meta())
+        grid, BC, PB = run.finalize
+        _go(plan, 1, _finalize_stats_kernel, grid,
+            (x, parts, bad, mean, var, inv_std, running_mean, running_var, num_batches_tracked,
+             run.P, run.C, run.strides[1], run.n_bad, m, eps, momentum, unbias,
+             BC, PB, run.BADB, update, has_nbt))
+    _go(plan, 1 + (not run.fused), _normalize_kernel, run.grid,
+        (x, y, parts, bad, weight, bias, None, None, mean, var, inv_std, running_mean,
+         running_var, num_batches_tracked, *run.args, run.n_bad, m, eps, momentum, unbias,
+         *run.tiles, run.PB, run.BADB, 0 if run.fused else 1, weight is not None,
+         bias is not None, update, has_nbt, relu), run.num_warps)
     return y, mean, var, inv_std
 
 
@@ -562,13 +639,14 @@ def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
     dtype); one launch. Returns y and (C,) copies of mean (float64) and inv_std (float32),
     for the backward."""
     x, _, run = _prepare(x)
+    relu = _relu(act)
     y = torch.empty_like(x, memory_format=run.fmt)
     mean_out, inv_std = _stats_like(x, torch.float64), _stats_like(x)
-    _normalize_kernel[run.grid](
-        x, y, None, None, weight, bias, mean, var, mean_out, None, inv_std, None, None, None,
-        *run.args(), 0, 1.0, float(eps), 0.0, 1.0, PB=1, BADB=1, MODE=2,
-        HAS_W=weight is not None, HAS_B=bias is not None, UPDATE=False, HAS_NBT=False,
-        RELU=_relu(act), **run.meta())
+    plan = _plan("inference", x, mean, var, weight, bias, relu, _aligned(y, mean_out, inv_std))
+    _go(plan, 0, _normalize_kernel, run.grid,
+        (x, y, None, None, weight, bias, mean, var, mean_out, None, inv_std, None, None, None,
+         *run.args, 0, 1.0, float(eps), 0.0, 1.0, *run.tiles, 1, 1, 2, weight is not None,
+         bias is not None, False, False, relu), run.num_warps)
     return y, mean_out, inv_std
 
 
@@ -578,10 +656,10 @@ def update_running_stats(running_mean, running_var, num_batches_tracked, mean, v
     over ``count`` values per channel (one launch)."""
     check_device(running_mean)
     C = running_mean.shape[0]
-    _update_kernel[(1,)](running_mean, running_var, num_batches_tracked, mean, var, C,
-                         float(momentum), count / max(count - 1, 1),
-                         BC=min(triton.next_power_of_2(C), 1024),
-                         HAS_NBT=num_batches_tracked is not None)
+    _go(None, 0, _update_kernel, (1,),
+        (running_mean, running_var, num_batches_tracked, mean, var, C, float(momentum),
+         count / max(count - 1, 1), min(triton.next_power_of_2(C), 1024),
+         num_batches_tracked is not None))
 
 
 def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
@@ -594,19 +672,24 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
     Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta.
     """
     x, dy, run = _prepare(x, dy)
+    relu, has_w, has_b = _relu(act), weight is not None, bias is not None
+    batch_stats = bool(batch_stats)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
-    relu = _relu(act)
-    act_args = dict(RELU=relu, HAS_W=weight is not None, HAS_B=bias is not None)
-    _grad_sums_kernel[run.grid](dy, x, mean, parts, inv_std, weight, bias, *run.args(),
-                                **act_args, **run.meta())
     dx = torch.empty_like(x, memory_format=run.fmt)
     dgamma, dbeta = _stats_like(x), _stats_like(x)
+    plan = _plan("backward", x, dy, mean, inv_std, weight, bias, batch_stats, relu,
+                 _aligned(parts, dx, dgamma, dbeta))
+    _go(plan, 0, _grad_sums_kernel, run.grid,
+        (dy, x, mean, parts, inv_std, weight, bias, *run.args, *run.tiles, relu, has_w,
+         has_b), run.num_warps)
     if not run.fused:
-        grid, BC, PB = run.finalize_grid()
-        _finalize_grads_kernel[grid](parts, inv_std, dgamma, dbeta, run.P, run.C, BC=BC, PB=PB)
-    _dx_kernel[run.grid](dy, x, dx, parts, mean, inv_std, weight, bias, dgamma, dbeta,
-                         *run.args(), float(run.N * run.L), PB=run.PB, FUSED=run.fused,
-                         BATCH_STATS=bool(batch_stats), **act_args, **run.meta())
+        grid, BC, PB = run.finalize
+        _go(plan, 1, _finalize_grads_kernel, grid,
+            (parts, inv_std, dgamma, dbeta, run.P, run.C, BC, PB))
+    _go(plan, 1 + (not run.fused), _dx_kernel, run.grid,
+        (dy, x, dx, parts, mean, inv_std, weight, bias, dgamma, dbeta, *run.args,
+         float(run.m), *run.tiles, run.PB, run.fused, has_w, batch_stats, relu, has_b),
+        run.num_warps)
     return dx, dgamma, dbeta
 
 
@@ -619,13 +702,13 @@ def moments(x):
     x, _, run = _prepare(x)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
-    _stats_kernel[run.grid](x, parts, bad, *run.args(), **run.meta())
     mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
-    grid, BC, PB = run.finalize_grid()
-    m = run.N * run.L
-    _finalize_stats_kernel[grid](x, parts, bad, mean, var, inv_std, None, None, None, run.P,
-                                 run.C, run.strides[1], bad.numel(), float(m), 1.0, 0.0, 1.0,
-                                 BC=BC, PB=PB, BADB=1, UPDATE=False, HAS_NBT=False)
+    plan = _plan("moments", x, _aligned(parts, bad, mean, var, inv_std))
+    _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
+    grid, BC, PB = run.finalize
+    _go(plan, 1, _finalize_stats_kernel, grid,
+        (x, parts, bad, mean, var, inv_std, None, None, None, run.P, run.C, run.strides[1],
+         run.n_bad, float(run.m), 1.0, 0.0, 1.0, BC, PB, 1, False, False))
     return mean, var
 
 
@@ -634,12 +717,15 @@ def grad_sums(dy, x, mean):
     of :func:`backward` (two launches)."""
     x, dy, run = _prepare(x, dy)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
-    _grad_sums_kernel[run.grid](dy, x, mean, parts, None, None, None, *run.args(), RELU=False,
-                                HAS_W=False, HAS_B=False, **run.meta())
     sum_dy, sum_dy_xmu = _stats_like(x), _stats_like(x)
-    grid, BC, PB = run.finalize_grid()
     ones = torch.ones(run.C, dtype=torch.float32, device=x.device)  # inv_std = 1: raw sums
-    _finalize_grads_kernel[grid](parts, ones, sum_dy_xmu, sum_dy, run.P, run.C, BC=BC, PB=PB)
+    plan = _plan("grad_sums", x, dy, mean, _aligned(parts, sum_dy, sum_dy_xmu, ones))
+    _go(plan, 0, _grad_sums_kernel, run.grid,
+        (dy, x, mean, parts, None, None, None, *run.args, *run.tiles, False, False, False),
+        run.num_warps)
+    grid, BC, PB = run.finalize
+    _go(plan, 1, _finalize_grads_kernel, grid,
+        (parts, ones, sum_dy_xmu, sum_dy, run.P, run.C, BC, PB))
     return sum_dy, sum_dy_xmu
 
 
@@ -649,8 +735,10 @@ def dx_from_sums(dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count: int):
     x, dy, run = _prepare(x, dy)
     dx = torch.empty_like(x, memory_format=run.fmt)
     dgamma = (sum_dy_xmu * inv_std).to(torch.float32)
-    _dx_kernel[run.grid](dy, x, dx, None, mean, inv_std, weight, None, dgamma,
-                         sum_dy.to(torch.float32), *run.args(), float(count), PB=1,
-                         FUSED=False, HAS_W=weight is not None, BATCH_STATS=True, RELU=False,
-                         HAS_B=False, **run.meta())
+    dbeta = sum_dy.to(torch.float32)
+    plan = _plan("dx_from_sums", x, dy, mean, inv_std, weight, _aligned(dx, dgamma, dbeta))
+    _go(plan, 0, _dx_kernel, run.grid,
+        (dy, x, dx, None, mean, inv_std, weight, None, dgamma, dbeta, *run.args,
+         float(count), *run.tiles, 1, False, weight is not None, True, False, False),
+        run.num_warps)
     return dx

@@ -389,40 +389,49 @@ ENGINES = {"numba": Engine(_numba_train, eval_impl, backward_impl, NUMBA_OPS, up
                             _triton_method("grad_sums"), _triton_method("dx_from_sums"))}
 
 
+# Classic-style Functions (ctx as forward's first argument): a Function with a separate
+# setup_context binds its arguments through inspect.signature on every call (~30 us on a
+# GPU host, more than a small tensor's kernels take). Gradients of the statistics outputs
+# are not materialized (no zero tensors made for them); a None dy gives None gradients.
+
+
 class TrainFunction(torch.autograd.Function):
     """y, mean, var, inv_std = engine's training forward; updates the running statistics
     (if given) as a side effect. Differentiable in x, weight, bias."""
 
     @staticmethod
-    def forward(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum, engine):
-        return engine.train(x, weight, bias, eps, running_mean, running_var, nbt, count,
-                            momentum)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_train(ctx, inputs, output)
-        ctx.engine = inputs[-1]
+    def forward(ctx, x, weight, bias, eps, running_mean, running_var, nbt, count, momentum,
+                engine):
+        output = engine.train(x, weight, bias, eps, running_mean, running_var, nbt, count,
+                              momentum)
+        _setup_train(ctx, (x, weight, bias), output)
+        ctx.engine = engine
+        ctx.set_materialize_grads(False)
+        return output
 
     @staticmethod
     @once_differentiable  # no double backward (nor through the op): a clear error
     def backward(ctx, dy, *_):
+        if dy is None:
+            return (None,) * 10
         return (*_train_grads(ctx, dy, ctx.engine.backward), None, None, None, None, None,
                 None)
 
 
 class EvalFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, mean, var, weight, bias, eps, engine):
-        return engine.eval(x, mean, var, weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_eval(ctx, inputs, output)
-        ctx.engine = inputs[-1]
+    def forward(ctx, x, mean, var, weight, bias, eps, engine):
+        output = engine.eval(x, mean, var, weight, bias, eps)
+        _setup_eval(ctx, (x, mean, var, weight, bias), output)
+        ctx.engine = engine
+        ctx.set_materialize_grads(False)
+        return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, *_):
+        if dy is None:
+            return (None,) * 7
         return (*_eval_grads(ctx, dy, ctx.engine.backward), None)
 
 

@@ -124,7 +124,8 @@ def run_case(case: Case, device="cpu", backend: str = "triton", momentum: float 
     Returns a dict: ``errors`` {name: relative error}, ``tolerances`` {name: tolerance},
     ``ok`` (all within), ``deterministic`` (a second training step on the same input gave
     bitwise the same outputs and gradients), ``torch_running_stats`` (ours against torch's
-    own kernel's, relative).
+    own kernel's, relative; within ``128 * eps32`` plus ``torch_running_stats_error``,
+    torch's own against the float64 reference).
     """
     x, dy, weight, bias, rm, rv = inputs(case, device)
     dtype = x.dtype
@@ -175,6 +176,9 @@ def run_case(case: Case, device="cpu", backend: str = "triton", momentum: float 
     rm2, rv2 = rm.clone(), rv.clone()
     torch.nn.functional.batch_norm(x, rm2, rv2, weight, bias, True, momentum, eps)
     torch_stats = max(_rel(rm1, _np(rm2)), _rel(rv1, _np(rv2)))
+    # torch's own rounding, against the same float64 reference: where torch is the one off
+    # (its channels-last CUDA kernel at x = 1e4 + noise: 2e-5), agreement is up to that
+    torch_error = max(_rel(rm2, rm_ref), _rel(rv2, rv_ref))
 
     # evaluation with the running statistics, and its backward
     xx, w, b = grads(x, weight, bias)
@@ -191,7 +195,8 @@ def run_case(case: Case, device="cpu", backend: str = "triton", momentum: float 
         errors["eval dgamma"] = _rel(w.grad, dgamma_ref, np.abs(dyr * x_hat).sum(reduce_axes).max())
         errors["eval dbeta"] = _rel(b.grad, dbeta_ref, np.abs(dyr).sum(reduce_axes).max())
         tol["eval dgamma"] = tol["eval dbeta"] = sum_tol
-    ok = all(errors[k] <= tol[k] for k in errors) and torch_stats <= sum_tol
+    ok = all(errors[k] <= tol[k] for k in errors) and torch_stats <= sum_tol + torch_error
     return dict(case=case.name, errors=errors, tolerances=tol, ok=bool(ok and deterministic),
                 deterministic=bool(deterministic), torch_running_stats=torch_stats,
+                torch_running_stats_error=torch_error,
                 memory_format_kept=bool(y.stride() == x.stride()))
