@@ -122,7 +122,9 @@ def test_stale_statistics_on_real_digits_and_recalibrate_closes_the_gap():
     assert ev["accuracy_running_stats"] < 0.5 < ev["accuracy_recalibrated_stats"]
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched
     bt.recalibrate(net, xs)
-    assert not [f for f in bt.doctor(net, xs, ys) if f.code == "stale-stats"]
+    assert codes(bt.doctor(net, xs, ys), above_info=True) == []
+    # without batches, 4 recalibration batches look cold; the batches show they are exact
+    assert codes(bt.doctor(net), above_info=True) == [("cold-stats", "1"), ("cold-stats", "5")]
 
 
 def test_nn_models_get_the_same_static_checks():
@@ -143,3 +145,112 @@ def test_nn_models_get_the_same_static_checks():
     mlp = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     assert [(f.code, f.layer) for f in nn.doctor(mlp)] == [("bias-before-bn", "1"),
                                                             ("cold-stats", "1")]
+
+
+# --- bnlab models: the dynamic checks ----------------------------------------------------
+
+
+def trained_nn_cnn(image_size=12):
+    from bnlab import models
+
+    net = models.seed_cnn(image_size=image_size, channels=(4, 6))
+    g = np.random.default_rng(0)
+    for _ in range(40):
+        net(g.random((16, 1, image_size, image_size)).astype(np.float32))
+    return net.eval()
+
+
+def test_nn_dynamic_checks_report_exactly_small_batch_and_stale_stats():
+    from bnlab import nn
+
+    g = np.random.default_rng(1)
+    net = trained_nn_cnn(image_size=4).train()
+    batch = [g.random((2, 1, 4, 4)).astype(np.float32)]
+    # layer 1 sees 2*4*4 = 32 values per channel (enough), layer 5 2*2*2 = 8
+    found = [f for f in nn.doctor(net, batch) if f.code == "small-batch"]
+    assert [(f.layer, f.evidence["values_per_channel"]) for f in found] == [("5", 8)]
+
+    net = trained_nn_cnn()
+    net[1].running_mean[...] += 5.0  # spoiled: 5 units off the batches' means
+    xs = [g.random((32, 1, 12, 12)).astype(np.float32) for _ in range(3)]
+    ys = [g.integers(0, 10, 32) for _ in range(3)]
+    stale = [f for f in nn.doctor(net, xs, ys) if f.code == "stale-stats"]
+    assert [f.layer for f in stale] == ["1"]
+    ev = stale[0].evidence
+    assert ev["mean_shift_std"] > D.STALE_SHIFT and "accuracy_recalibrated_stats" in ev
+    nn.recalibrate(net, xs)
+    assert codes(nn.doctor(net, xs, ys), above_info=True) == []
+
+
+def _nn_snapshot(net):
+    return ({k: v.copy() for k, v in net.state_dict().items()},
+            [(m.training, getattr(m, "momentum", None)) for _, m in net.named_modules()])
+
+
+def _torch_snapshot(net):
+    return ({k: v.clone() for k, v in net.state_dict().items()},
+            [(m.training, getattr(m, "momentum", None)) for m in net.modules()],
+            [p.requires_grad for p in net.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_the_doctor_never_changes_the_model(mode):
+    """Parameters, buffers, modes and momenta bit for bit the same after the static and
+    dynamic checks, bnlab's models and torch's alike."""
+    from bnlab import nn
+
+    g = np.random.default_rng(2)
+    xs = [g.random((16, 1, 12, 12)).astype(np.float32) for _ in range(2)]
+    ys = [g.integers(0, 10, 16) for _ in range(2)]
+    net = trained_nn_cnn().train(mode == "train")
+    net[5].momentum = 0.3
+    before = _nn_snapshot(net)
+    nn.doctor(net, xs, ys)
+    after = _nn_snapshot(net)
+    assert before[1] == after[1]
+    assert all(np.array_equal(v, after[0][k]) and v.dtype == after[0][k].dtype
+               for k, v in before[0].items())
+
+    tnet = trained_cnn().train(mode == "train")
+    tnet[5].momentum = 0.3
+    tnet[1].weight.requires_grad_(False)
+    before = _torch_snapshot(tnet)
+    bt.doctor(tnet, [torch.from_numpy(x) for x in xs], ys)
+    after = _torch_snapshot(tnet)
+    assert before[1:] == after[1:]
+    assert all(torch.equal(v, after[0][k]) for k, v in before[0].items())
+
+
+# --- bias-before-bn through torch.fx: residual blocks ------------------------------------
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self, share=False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)  # bias=True
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.share = share
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = torch.relu(self.bn(h)) + x
+        return y + h if self.share else y
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, share=False):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(1, 3, 1, bias=False)
+        self.block = _Residual(share)
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+def test_bias_before_bn_is_found_in_residual_blocks():
+    found = [(f.code, f.layer) for f in bt.doctor(_Net().eval()) if f.code == "bias-before-bn"]
+    assert found == [("bias-before-bn", "block.bn")]
+    f = next(f for f in bt.doctor(_Net().eval()) if f.code == "bias-before-bn")
+    assert "block.conv" in f.message and "block.conv" in f.fix
+    # the conv's output also feeds the sum: its bias is not cancelled there
+    assert not [f for f in bt.doctor(_Net(share=True).eval()) if f.code == "bias-before-bn"]

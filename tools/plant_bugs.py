@@ -100,6 +100,15 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
     ("fused ReLU: backward not gated", "src/bnlab/kernels/numba_bn.py",
      "    return g - g if relu and not (xv - mu) * za + zb > 0 else g",
      "    return g", "tests/test_variants.py -k act"),
+    ("doctor: torch.load may unpickle any object", "src/bnlab/experiments/checkup.py",
+     'obj = torch.load(path, map_location="cpu", weights_only=True)',
+     'obj = torch.load(path, map_location="cpu", weights_only=False)',
+     "tests/test_doctor_cli.py -k pickle"),
+    ("doctor: a bias whose output also feeds a sum counts as cancelled",
+     "src/bnlab/torch/doctor.py",
+     "modules[src.target].bias is not None and len(src.users) == 1",
+     "modules[src.target].bias is not None",
+     "tests/test_doctor.py -k residual"),
 ]
 
 

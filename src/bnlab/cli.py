@@ -148,6 +148,22 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from .experiments import checkup
+    from .train import atomic_write
+
+    report = checkup.check(args.file, model=args.model, data=args.data, batches=args.batches,
+                           batch_size=args.batch_size)
+    print(checkup.format_table(report))
+    if args.json:
+        import json
+
+        text = json.dumps(checkup.to_json(report), indent=1)
+        atomic_write(args.json, lambda f: f.write(text.encode()))
+        print(f"wrote {args.json}")
+    return 1 if any(f.severity == "error" for f in report["findings"]) else 0
+
+
 def _cmd_bench_gpu(args) -> int:
     from . import bench_gpu
 
@@ -349,6 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write every median to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("doctor", help="find batch-norm mistakes in a checkpoint",
+                       description="The BN doctor on a checkpoint: bnlab's .npz or a PyTorch "
+                                   "state dict (.pt/.pth, read with weights_only=True: a file "
+                                   "that would run code is refused). Prints a table of "
+                                   "findings (severity, layer, code, message, evidence, fix); "
+                                   "exit status 1 if any is an error. Findings are explained "
+                                   "in docs/doctor.md.")
+    p.add_argument("file", help="checkpoint.npz, model.pt or model.pth")
+    p.add_argument("--model", choices=["seed-cnn", "paper-mlp"], default=None,
+                   help="the network the state dict belongs to: adds bias-before-bn and, "
+                        "with batches of --data, small-batch and stale-stats")
+    p.add_argument("--data", choices=sorted(DATASETS), default=None,
+                   help="with --model: the dataset whose test split is run through the model "
+                        "(default: the checkpoint's, else mnist-5k)")
+    p.add_argument("--batches", type=_positive_int, default=4,
+                   help="test batches for the dynamic checks (default 4)")
+    p.add_argument("--batch-size", type=_positive_int, default=250,
+                   help="their size (default 250)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the findings here")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("train", help="train one model in one configuration",
                        description="Train the seed CNN or the paper's MLP; write results.json, "

@@ -22,7 +22,9 @@ Static rules (parameters, buffers and flags only):
 * ``frozen-train`` (warning): gamma and beta do not require grad (meant frozen) but the
   layer is in train mode, so it still normalizes with, and updates from, batch statistics.
 
-Dynamic rules (with batches run through copies of the model):
+Dynamic rules (with batches run through copies of the model; :func:`dynamic_findings` reads
+a :class:`Probe` per layer and the model's outputs with running, batch and recalibrated
+statistics):
 
 * ``small-batch`` (warning): fewer than ``SMALL_BATCH`` values per channel reach the layer
   in training: its batch statistics are noisy.
@@ -33,6 +35,7 @@ Dynamic rules (with batches run through copies of the model):
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -229,3 +232,96 @@ def stale_finding(name: str, running_mean, running_var, exact_mean, exact_var, e
                    {"mean_shift_std": shift, "var_ratio": ratio, **model_evidence},
                    "recalibrate the running statistics on representative batches "
                    "(bnlab recalibrate / torch.optim.swa_utils.update_bn)")
+
+
+@dataclass
+class Probe:
+    """What the dynamic rules read of one BN layer once the batches went through copies of
+    the model: the fewest values per channel it saw in training, its running statistics and
+    the exact ones over the batches (after recalibration)."""
+
+    name: str
+    training: bool
+    eps: float
+    values_per_channel: int
+    running_mean: np.ndarray | None = None
+    running_var: np.ndarray | None = None
+    exact_mean: np.ndarray | None = None
+    exact_var: np.ndarray | None = None
+
+
+def score(logits, targets) -> dict:
+    """Mean cross-entropy and accuracy of a list of (N, K) logits against their labels."""
+    z = np.concatenate([np.asarray(a, np.float64) for a in logits])
+    t = np.concatenate([np.asarray(y).reshape(-1) for y in targets]).astype(np.int64)
+    if len(t) != len(z):
+        raise ValueError(f"targets hold {len(t)} labels for {len(z)} outputs")
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return {"loss": float(-log_p[np.arange(len(t)), t].mean()),
+            "accuracy": float((z.argmax(axis=1) == t).mean())}
+
+
+OUTPUTS = ("running", "batch", "recalibrated")  # the statistics the model's outputs used
+
+
+def dynamic_findings(probes, outputs: dict, targets=None) -> list[Finding]:
+    """``small-batch`` (layers in training) and ``stale-stats`` (layers with running
+    statistics) for each :class:`Probe`. ``outputs`` maps each of :data:`OUTPUTS` to the
+    model's (N, K) outputs over the batches; with ``targets``, their losses and accuracies
+    are the evidence, and always the largest change recalibration makes to an output."""
+    evidence = {}
+    if targets is not None:
+        for key in OUTPUTS:
+            for k, v in score(outputs[key], targets).items():
+                evidence[f"{k}_{key}_stats"] = v
+    evidence["output_change_recalibrated"] = float(max(
+        np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
+        for a, b in zip(outputs["running"], outputs["recalibrated"])))
+    findings = []
+    for p in probes:
+        f = small_batch_finding(p.name, p.values_per_channel) if p.training else None
+        if f is not None:
+            findings.append(f)
+        if p.running_mean is not None:
+            f = stale_finding(p.name, p.running_mean, p.running_var, p.exact_mean,
+                              p.exact_var, p.eps, evidence)
+            if f is not None:
+                findings.append(f)
+    return findings
+
+
+def probe_batches(model, probe, batches, targets, seen: dict, *, is_bn, run, recalibrate,
+                  array) -> list[Finding]:
+    """The dynamic checks' bookkeeping, for bnlab and torch models alike: ``probe`` (a
+    train-mode copy whose BN layers record into ``seen`` the fewest values per channel they
+    get; the copy's running statistics change, the model's do not) and copies of ``model`` with its running statistics (eval) and
+    recalibrated on the batches run ``batches``; then :func:`dynamic_findings`. ``run(model,
+    batches)`` gives the outputs as arrays, ``array`` makes a buffer an array (or None)."""
+    outputs = {"batch": run(probe, batches),
+               "running": run(copy.deepcopy(model).eval(), batches)}
+    recal = recalibrate(copy.deepcopy(model), batches).eval()
+    outputs["recalibrated"] = run(recal, batches)
+    exact = dict(recal.named_modules())
+    probes = [Probe(name, m.training, m.eps, seen.get(name, 0), array(m.running_mean),
+                    array(m.running_var), array(exact[name].running_mean),
+                    array(exact[name].running_var))
+              for name, m in model.named_modules() if is_bn(m)]
+    return dynamic_findings(probes, outputs, targets)
+
+
+def examine(describe, dynamic, model, batches=None, targets=None) -> list[Finding]:
+    """Static findings of ``describe(model)``, then with ``batches`` the dynamic ones of
+    ``dynamic(model, batches, targets)``: a framework's ``doctor``.
+
+    ``cold-stats`` guesses from ``num_batches_tracked`` that the running statistics may still
+    hold their initial values; with batches, a layer's statistics are measured instead, so
+    the guess stays only where they are also stale (after ``recalibrate`` over 4 batches,
+    say, the count is 4 but the statistics are exact)."""
+    findings = static_findings(describe(model), model.training)
+    if batches is not None:
+        dynamic_found = dynamic(model, batches, targets)
+        stale = {f.layer for f in dynamic_found if f.code == "stale-stats"}
+        findings = [f for f in findings if f.code != "cold-stats" or f.layer in stale]
+        findings += dynamic_found
+    return findings

@@ -208,10 +208,10 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, **meta) -> Path:
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and
-    ``optimizer``); return its metadata. Raises CheckpointError, naming the file, when it
-    is damaged, not a bnlab checkpoint, or its keys or shapes do not fit the model."""
+def read_checkpoint(path) -> tuple[dict, dict, dict]:
+    """The model state dict, optimizer state and metadata of a checkpoint written by
+    :func:`save_checkpoint` (NumPy arrays, read without pickle). Raises CheckpointError,
+    naming the file, when it is damaged or not a bnlab checkpoint."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -223,12 +223,27 @@ def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
     if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a bnlab checkpoint (format "
                               f"{arrays.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
-    state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    try:
+        meta = json.loads(str(arrays["meta"]))
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is damaged: its metadata is missing or "
+                              f"not JSON ({e})") from e
+
+    def part(prefix):
+        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+
+    return part("model/"), part("optim/"), meta
+
+
+def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model`` (and
+    ``optimizer``); return its metadata. Raises CheckpointError, naming the file, when it
+    is damaged, not a bnlab checkpoint, or its keys or shapes do not fit the model."""
+    state, optim_state, meta = read_checkpoint(path)
     try:
         model.load_state_dict(state)
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {e}") from e
     if optimizer is not None:
-        optimizer.load_state_dict({k[len("optim/"):]: v for k, v in arrays.items()
-                                   if k.startswith("optim/")})
-    return json.loads(str(arrays["meta"]))
+        optimizer.load_state_dict(optim_state)
+    return meta

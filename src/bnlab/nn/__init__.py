@@ -7,7 +7,8 @@ from .loss import CrossEntropyLoss
 from .module import Module, Parameter
 from .optim import SGD, Adam
 from .variants import (BatchNormAct2d, BatchRenorm1d, BatchRenorm2d, FrozenBatchNorm2d, GhostBatchNorm1d,
-                       GhostBatchNorm2d, doctor, fold_batchnorm, freeze, recalibrate)
+                       GhostBatchNorm2d, fold_batchnorm, freeze, recalibrate)
+from .doctor import doctor
 
 __all__ = [
     "Adam", "BatchNorm1d", "BatchNorm2d", "BatchNormAct2d", "BatchRenorm1d", "BatchRenorm2d", "Conv2d", "CrossEntropyLoss", "Dropout", "Flatten",

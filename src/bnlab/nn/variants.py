@@ -334,28 +334,3 @@ def fold_batchnorm(module: Module, strict: bool = False) -> Module:
             for i, layer in enumerate(keep):
                 setattr(seq, str(i), layer)
     return model
-
-
-def doctor(model: Module, batches=None, targets=None) -> list:
-    """The BN doctor's static checks (:mod:`bnlab.doctor`) on a bnlab model: parameters,
-    buffers and modes only; the model is not changed. (bnlab's parameters have no
-    ``requires_grad``, so ``frozen-train`` does not apply: use :class:`FrozenBatchNorm2d`.)
-    The dynamic checks (``batches``) are not implemented yet and say so."""
-    from .. import doctor as D
-
-    if batches is not None or targets is not None:
-        raise NotImplementedError("doctor's dynamic checks (batches=, targets=) are not "
-                                  "implemented yet; call doctor(model) for the static ones")
-    before = D.biases_before(model, Sequential, _BatchNorm, (Conv2d, Linear))
-    layers = []
-    for name, m in model.named_modules():
-        if not isinstance(m, _BatchNorm):
-            continue
-        f64 = (lambda a: None if a is None else np.asarray(a, np.float64))  # noqa: E731
-        layers.append(D.Layer(
-            name=name, num_features=m.num_features, momentum=m.momentum, training=m.training,
-            weight=None if m.weight is None else f64(m.weight.data),
-            bias=None if m.bias is None else f64(m.bias.data), running_mean=f64(m.running_mean),
-            running_var=f64(m.running_var), num_batches_tracked=m.num_batches_tracked,
-            bias_before=before.get(name)))
-    return D.static_findings(layers, model.training)

@@ -14,9 +14,31 @@ def _np(t):
     return None if t is None else t.detach().to("cpu", torch.float64).numpy()
 
 
+def biases_before(model: torch.nn.Module) -> dict:
+    """BN qualified name -> the Conv/Linear with a bias whose output feeds only that BN.
+
+    Through ``torch.fx`` (residual blocks and any traceable forward); a model fx cannot
+    trace falls back to neighbours in Sequentials (:func:`bnlab.doctor.biases_before`)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - untraceable (data-dependent control flow, ...)
+        return D.biases_before(model, torch.nn.Sequential, _TorchBatchNorm, _WEIGHTED)
+    modules = dict(model.named_modules())
+    found = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _TorchBatchNorm):
+            continue
+        src = node.args[0] if node.args else None
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), _WEIGHTED)
+                and modules[src.target].bias is not None and len(src.users) == 1):
+            found[node.target] = src.target
+    return found
+
+
 def describe(model: torch.nn.Module) -> list[D.Layer]:
     """Every BN layer of ``model`` as :class:`bnlab.doctor.Layer` (copies; nothing changes)."""
-    before = D.biases_before(model, torch.nn.Sequential, _TorchBatchNorm, _WEIGHTED)
+    before = biases_before(model)
     layers = []
     for name, m in model.named_modules():
         if not isinstance(m, _TorchBatchNorm):
@@ -34,21 +56,14 @@ def describe(model: torch.nn.Module) -> list[D.Layer]:
 
 def _outputs(model, batches):
     with torch.no_grad():
-        return [model(x) for x in batches]
-
-
-def _score(outputs, targets) -> dict:
-    logits = torch.cat(outputs)
-    t = torch.cat([torch.as_tensor(y).long() for y in targets])
-    return {"loss": float(torch.nn.functional.cross_entropy(logits.float(), t)),
-            "accuracy": float((logits.argmax(1) == t).float().mean())}
+        return [_np(model(x)) for x in batches]
 
 
 def dynamic_findings(model: torch.nn.Module, batches, targets=None) -> list[D.Finding]:
-    """``small-batch`` and ``stale-stats`` (:mod:`bnlab.doctor`), from ``batches`` run
-    through copies of the model: with its running statistics (eval), with batch statistics
-    (train mode) and recalibrated on the batches; with ``targets``, their losses and
-    accuracies are the evidence. The model itself is not touched."""
+    """``small-batch`` and ``stale-stats`` (:func:`bnlab.doctor.dynamic_findings`), from
+    ``batches`` run through copies of the model: with its running statistics (eval), with
+    batch statistics (train mode, no update) and recalibrated on the batches. The model
+    itself is not touched."""
     import copy
 
     from .variants import recalibrate
@@ -65,40 +80,12 @@ def dynamic_findings(model: torch.nn.Module, batches, targets=None) -> list[D.Fi
             seen[name] = min(seen.get(name, x.numel()), x.numel() // max(x.shape[1], 1))
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in probe.named_modules()
-               if isinstance(m, _TorchBatchNorm)]
-    for m in probe.modules():  # measure only: no running-statistics update
+    for n, m in probe.named_modules():
         if isinstance(m, _TorchBatchNorm):
-            m.momentum = 0.0
-    train_out = _outputs(probe, batches)
-    for h in handles:
-        h.remove()
-    eval_model = copy.deepcopy(model).eval()
-    eval_out = _outputs(eval_model, batches)
-    recal = recalibrate(copy.deepcopy(model), batches).eval()
-    recal_out = _outputs(recal, batches)
-    evidence = {}
-    if targets is not None:
-        for key, outs in (("running", eval_out), ("batch", train_out), ("recalibrated", recal_out)):
-            for k, v in _score(outs, targets).items():
-                evidence[f"{k}_{key}_stats"] = v
-    evidence["output_change_recalibrated"] = float(
-        max((a - b).abs().max() for a, b in zip(eval_out, recal_out)))
-    findings = []
-    exact = dict(recal.named_modules())
-    for name, m in model.named_modules():
-        if not isinstance(m, _TorchBatchNorm):
-            continue
-        f = D.small_batch_finding(name, seen.get(name, 0))
-        if f is not None and m.training:
-            findings.append(f)
-        if m.running_mean is not None:
-            r = exact[name]
-            f = D.stale_finding(name, _np(m.running_mean), _np(m.running_var),
-                                _np(r.running_mean), _np(r.running_var), m.eps, evidence)
-            if f is not None:
-                findings.append(f)
-    return findings
+            m.register_forward_hook(hook(n))
+    return D.probe_batches(model, probe, batches, targets, seen,
+                           is_bn=lambda m: isinstance(m, _TorchBatchNorm), run=_outputs,
+                           recalibrate=recalibrate, array=_np)
 
 
 def doctor(model: torch.nn.Module, batches=None, targets=None) -> list[D.Finding]:
@@ -106,7 +93,4 @@ def doctor(model: torch.nn.Module, batches=None, targets=None) -> list[D.Finding
     parameters, buffers and modes, and with ``batches`` (tensors, e.g. a few validation
     batches; ``targets`` their labels) the dynamic ones. The model is not changed:
     parameters, buffers, modes and momenta stay as they are (copies are probed)."""
-    findings = D.static_findings(describe(model), model.training)
-    if batches is not None:
-        findings += dynamic_findings(model, batches, targets)
-    return findings
+    return D.examine(describe, dynamic_findings, model, batches, targets)
