@@ -109,6 +109,17 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "modules[src.target].bias is not None and len(src.users) == 1",
      "modules[src.target].bias is not None",
      "tests/test_doctor.py -k residual"),
+    ("explain: step 4 forgets gamma", "src/bnlab/explain/app.js",
+     "return [[1, 0], [1, -mu], [inv, -mu * inv], [gamma * inv, beta - gamma * mu * inv]];",
+     "return [[1, 0], [1, -mu], [inv, -mu * inv], [inv, beta - mu * inv]];",
+     "tests/test_explain.py -k gamma"),
+    ("explain: evaluation uses the batch's statistics", "src/bnlab/explain/app.js",
+     "const mu = train ? s.mean : DATA.running.mean[state.channel];",
+     "const mu = s.mean;", "tests/test_explain.py -k switch"),
+    ("explain: the page fetches a script", "src/bnlab/explain/page.html",
+     "<script>/*CHARTJS*/</script>",
+     '<script src="https://cdn.jsdelivr.net/npm/chart.js"></script><script>/*CHARTJS*/</script>',
+     "tests/test_explain.py::test_the_page_is_one_small_self_contained_file"),
 ]
 
 

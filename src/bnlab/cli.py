@@ -164,6 +164,13 @@ def _cmd_doctor(args) -> int:
     return 1 if any(f.severity == "error" for f in report["findings"]) else 0
 
 
+def _cmd_explain(args) -> int:
+    from . import explain
+
+    print(explain.build(args.out, run=args.run))
+    return 0
+
+
 def _cmd_bench_gpu(args) -> int:
     from . import bench_gpu
 
@@ -386,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="their size (default 250)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the findings here")
     p.set_defaults(func=_cmd_doctor)
+
+    p = sub.add_parser("explain", help="BN's four steps as an interactive page",
+                       description="Write explain.html: BN's four steps on a real mini-batch "
+                                   "of digits through the seed CNN's first convolution, with "
+                                   "sliders for gamma, beta and eps, the batch size and "
+                                   "train/eval. One self-contained file: it works offline, "
+                                   "from file://. Prints its path.")
+    p.add_argument("--out", default=None, help="output folder (default runs/explain)")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="also chart this run folder's learning curves (its results.json)")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("train", help="train one model in one configuration",
                        description="Train the seed CNN or the paper's MLP; write results.json, "
