@@ -87,16 +87,16 @@ def test_it_loads_with_no_console_error_and_no_network_request(browser, page):
                 if re.match(r"(https?|wss?|ftp):", r["request"]["url"])]
 
 
-def default_batch():
-    """The default batch, recomputed here as the page's docstring says: the first 32 digits
-    of a seed-0 shuffle of the embedded training digits, through the seed CNN's first
+def default_batch(size=explain.DEFAULT_SIZE):
+    """A batch, recomputed here as the page's docstring says: the first ``size`` digits of a
+    seed-0 shuffle of the embedded training digits, through the seed CNN's first
     convolution."""
     from bnlab import models
     from bnlab.data import datasets
 
     images = datasets.load("mnist-5k").train[0]
     order = np.random.default_rng(0).permutation(len(images))
-    return models.seed_cnn(seed=0)[0](images[order[:explain.DEFAULT_SIZE]])
+    return models.seed_cnn(seed=0)[0](images[order[:size]])
 
 
 def test_the_numbers_on_the_page_are_bnlabs(browser):
@@ -166,6 +166,13 @@ def test_the_batch_size_and_channel_choices_update_the_page(browser):
     assert small != before and len(browser.find_elements("css selector", "#samples canvas")) == 2
     Select(browser.find_element("id", "channel")).select_by_value("3")
     assert stats(browser, 1) != small
+    # the noise chart follows the channel: batch means by size, as bnlab computed them
+    means = browser.execute_script(
+        "return Chart.getChart('chart-noise').data.datasets[0].data.map(p => p.y)")
+    x = default_batch(max(explain.SIZES))
+    ones, zeros = np.ones(x.shape[1], np.float32), np.zeros(x.shape[1], np.float32)
+    want = [F.batch_norm_forward(x[:b], ones, zeros, axis=1)[1].mean[3] for b in explain.SIZES]
+    np.testing.assert_allclose(means, want, rtol=1e-12)
     Select(browser.find_element("id", "channel")).select_by_value("0")
     Select(browser.find_element("id", "batch")).select_by_value(str(explain.DEFAULT_SIZE))
     assert stats(browser, 1) == before

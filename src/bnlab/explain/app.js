@@ -119,12 +119,30 @@
     const mm = histogram(s, 1 / r, -s.min / r);
     charts.mm.data.labels = mm.labels; charts.mm.data.datasets[0].data = mm.counts; charts.mm.update("none");
     showNumbers("minmax", "minmax", s.minmax, STAT_NAMES);
+    noise();
     $("gamma-out").textContent = fmt(state.gamma);
     $("beta-out").textContent = fmt(state.beta);
     $("eps-out").textContent = `1e${state.logeps}`;
     $("logeps").setAttribute("aria-valuetext", `1e${state.logeps}`);
     $("channel-name").textContent = String(state.channel);
     drawSamples();
+  }
+
+  // batch mean and variance by batch size, against the running averages
+  function noise() {
+    const c = state.channel, rows = DATA.sizes.map((b) => [b, DATA.batches[String(b)][c]]);
+    const flat = (v) => DATA.sizes.map((b) => ({ x: b, y: v }));
+    charts.noise.data.datasets = [
+      { label: "batch mean", yAxisID: "y", borderColor: "#2563eb", pointRadius: 3,
+        data: rows.map(([b, s]) => ({ x: b, y: s.mean })) },
+      { label: "running mean", yAxisID: "y", borderColor: "#2563eb", borderDash: [6, 4],
+        pointRadius: 0, data: flat(DATA.running.mean[c]) },
+      { label: "batch variance", yAxisID: "y1", borderColor: "#c2410c", pointRadius: 3,
+        data: rows.map(([b, s]) => ({ x: b, y: s.var })) },
+      { label: "running variance", yAxisID: "y1", borderColor: "#c2410c", borderDash: [6, 4],
+        pointRadius: 0, data: flat(DATA.running.var[c]) },
+    ];
+    charts.noise.update("none");
   }
 
   function drawSamples() {
@@ -206,6 +224,16 @@
       radio.addEventListener("change", () => { state.mode = radio.value; update(); }));
     const orange = "rgba(194, 65, 12, 0.75)", blue = "rgba(37, 99, 235, 0.7)";
     for (let k = 1; k <= 4; k++) charts[`step${k}`] = barChart(`chart${k}`, k === 4 ? orange : blue);
+    charts.noise = new Chart($("chart-noise"), {
+      type: "line", data: { datasets: [] },
+      options: { animation: false, responsive: true, maintainAspectRatio: false, parsing: false,
+                 scales: { x: { type: "logarithmic", title: { display: true, text: "batch size" },
+                                afterBuildTicks: (axis) => { axis.ticks = DATA.sizes.map((v) => ({ value: v })); },
+                                ticks: { callback: (v) => String(v) } },
+                           y: { position: "left", title: { display: true, text: "mean" } },
+                           y1: { position: "right", grid: { drawOnChartArea: false },
+                                 title: { display: true, text: "variance" } } } },
+    });
     charts.z = barChart("chart-z", "rgba(82, 96, 109, 0.7)");
     charts.mm = barChart("chart-mm", "rgba(82, 96, 109, 0.7)");
     network();
