@@ -253,9 +253,52 @@ def kernel_section(device, cases):
 
 CONFIGS = [  # (TILE_BYTES, num_warps or None for the default rule, PROGRAMS_PER_SM,
     #  num_stages or None for Triton's default)
-    (8192, None, 8, None), (8192, None, 8, 1), (8192, None, 8, 2), (8192, None, 8, 4),
-    (16384, 8, 8, None), (8192, None, 4, None),
+    (8192, None, 8, None), (8192, None, 6, None), (8192, None, 16, None),
+    (8192, None, 32, None), (16384, 8, 16, None), (4096, 4, 16, None),
 ]
+
+
+def occupancy_section(device, cases):
+    """Registers, spills and warps of every compiled launch of a training step and an
+    inference per case, and the programs per multiprocessor they allow (threads: 2048 per
+    SM; registers: 65536, allocated per warp in units of 256) against the grid."""
+    import torch
+
+    import bnlab.bench_gpu as bg
+    from bnlab.kernels import triton_bn as tb
+
+    original = tb._go
+    rows = []
+
+    def go(plan, i, kernel, grid, args, num_warps=4):
+        compiled = kernel[grid](*args, num_warps=num_warps)
+        regs = getattr(compiled, "n_regs", None)
+        per_warp = None if regs is None else -(-regs * 32 // 256) * 256
+        by_regs = None if not per_warp else 65536 // (per_warp * num_warps)
+        slots = min(2048 // (32 * num_warps), by_regs or 64, 32)
+        programs = 1
+        for g in grid:
+            programs *= g
+        sms = tb.multiprocessors(torch.device(device))
+        rows.append({"case": case.name, "kernel": kernel.fn.__name__, "grid": list(grid),
+                     "programs": programs, "num_warps": num_warps, "n_regs": regs,
+                     "n_spills": getattr(compiled, "n_spills", None),
+                     "programs_per_sm": slots, "waves": round(programs / (slots * sms), 3)})
+        print(f"occupancy {json.dumps(rows[-1])}", flush=True)
+
+    tb._go = go
+    try:
+        for case in cases:
+            x, dy = bg.case_tensors(case, device)
+            C = case.shape[1]
+            w, b = torch.ones(C, device=device), torch.zeros(C, device=device)
+            rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+            _, mean, _, inv_std = tb.train_forward(x, w, b, 1e-5, rm, rv, None, 0.1)
+            tb.backward(dy, x, mean, inv_std, w, True)
+            tb.inference(x, rm, rv, w, b, 1e-5)
+    finally:
+        tb._go = original
+    return rows
 
 
 def sweep_section(device, cases, timer):
@@ -320,7 +363,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_profile_out"))
-    p.add_argument("--sections", default="host,kernels,sweep")
+    p.add_argument("--sections", default="host,occupancy,kernels,sweep")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -329,8 +372,8 @@ def main(argv=None) -> int:
     cuda = args.device == "cuda"
     cases = bg.CASES if cuda else bg.SMALL_CASES[:2]
     sweep_cases = [c for c in cases if c.name in (
-        "256x64x56x56 float32 NCHW", "256x64x56x56 float16 NHWC", "8192x4096 float32 NC",
-        "64x64x32x32 float32 NCHW")] if cuda else cases[:1]
+        "256x64x56x56 float32 NCHW", "256x64x56x56 float16 NCHW", "256x64x56x56 float16 NHWC",
+        "8192x4096 float32 NC")] if cuda else cases[:1]
     report = {"environment": bg.environment(args.device)}
     start = time.perf_counter()
 
@@ -341,6 +384,7 @@ def main(argv=None) -> int:
     sections = args.sections.split(",")
     for name, fn in (("host", lambda: host_section(args.device, (64, 64, 32, 32) if cuda
                                                     else (6, 5, 7, 9), 200 if cuda else 3)),
+                     ("occupancy", lambda: occupancy_section(args.device, cases)),
                      ("kernels", lambda: kernel_section(args.device, cases)),
                      ("sweep", lambda: sweep_section(args.device, sweep_cases,
                                                      bg._timer(args.device, 40)))):

@@ -458,7 +458,7 @@ class _Launch:
         self.T = triton.cdiv(N, BN) * self.TL
         blocks = triton.cdiv(C, BC)
         programs = PROGRAMS_PER_SM * multiprocessors(x.device)
-        self.P = max(1, min(self.T, MAX_PARTS, triton.cdiv(programs, blocks)))
+        self.P = max(1, min(self.T, MAX_PARTS, programs // blocks))  # never past the wave
         self.grid = (blocks, self.P)
         self.fused = self.P * BC <= FUSED_PARTIALS
         self.PB = min(triton.next_power_of_2(self.P), max(1, FUSED_PARTIALS // BC))
