@@ -158,12 +158,6 @@ def _autograd_pieces(device, x, dy, ours, theirs, n):
     lean_args = (x, ours.weight, ours.bias, ours.running_mean, ours.running_var,
                  ours.num_batches_tracked)
 
-    def prebuilt(make):
-        def run():
-            graphs = [make() for _ in range(n + 2)]
-            return iter(graphs)
-        return run
-
     def grad_only(make, inputs):
         state = {}
 
@@ -269,6 +263,7 @@ def occupancy_section(device, cases):
 
     original = tb._go
     rows = []
+    sms = tb.multiprocessors(torch.device(device))
 
     def go(plan, i, kernel, grid, args, num_warps=4):
         compiled = kernel[grid](*args, num_warps=num_warps)
@@ -279,7 +274,6 @@ def occupancy_section(device, cases):
         programs = 1
         for g in grid:
             programs *= g
-        sms = tb.multiprocessors(torch.device(device))
         rows.append({"case": case.name, "kernel": kernel.fn.__name__, "grid": list(grid),
                      "programs": programs, "num_warps": num_warps, "n_regs": regs,
                      "n_spills": getattr(compiled, "n_spills", None),

@@ -244,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "paper's MLP on real digits; each writes results.json, PNG "
                                    "figures and report.md into a run folder.")
     rsub = p.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    def run_options(q, d, name, dataset_help=""):
+        """--dataset, --out and --no-progress of one experiment with defaults ``d``."""
+        q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
+                       help=f"default {d.dataset}{dataset_help}")
+        q.add_argument("--out", default=None, help=f"run folder (default runs/{name}-<time>)")
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
     specs = {
         "fig1": (R.Fig1Config(), "Figure 1: test accuracy, and the 15/50/85th percentiles of a "
                                  "sigmoid's input over training, with and without BN"),
@@ -254,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (d, text) in specs.items():
         q = rsub.add_parser(name, help=text, description=text + ".")
-        q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
-                       help=f"default {d.dataset}; the paper's scale: --dataset mnist --steps 50000")
+        run_options(q, d, name, "; the paper's scale: --dataset mnist --steps 50000")
         q.add_argument("--steps", type=_positive_int, default=d.steps,
                        help=f"training steps per network (default {d.steps})")
         q.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
@@ -263,9 +269,6 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
         q.add_argument("--eval-every", type=_positive_int, default=d.eval_every,
                        help=f"test evaluation interval in steps (default {d.eval_every})")
-        q.add_argument("--out", default=None,
-                       help=f"run folder (default runs/{name}-<time>)")
-        q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
         if name != "init-sweep":
             q.add_argument("--weight-std", type=_positive_float, default=d.weight_std,
                            help="weights from N(0, std^2) (default "
@@ -287,13 +290,6 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             q.add_argument("--activations", nargs="+", choices=["sigmoid", "relu"],
                            default=list(d.activations), help="default sigmoid relu")
-    def run_options(q, d, name):
-        """--dataset, --out and --no-progress of one experiment with defaults ``d``."""
-        q.add_argument("--dataset", choices=sorted(DATASETS), default=d.dataset,
-                       help=f"default {d.dataset}")
-        q.add_argument("--out", default=None, help=f"run folder (default runs/{name}-<time>)")
-        q.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-
     d = R.IcsConfig()
     text = ("internal covariate shift, measured (per-layer input drift), against Santurkar et "
             "al. (2018): noisy BN and the loss landscape along the gradient (needs bnlab[torch])")

@@ -135,8 +135,7 @@ def _build(kind: str, name: str, state: dict, meta: dict, data):
             net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
         except RuntimeError as e:
             raise CheckpointError(f"the state dict does not fit --model {name} for "
-                                  f"--data {data.name}: {str(e).splitlines()[0]} "
-                                  f"{' '.join(str(e).split())[:400]}") from e
+                                  f"--data {data.name}: {' '.join(str(e).split())[:400]}") from e
     else:
         try:
             net.load_state_dict(state)
@@ -157,16 +156,18 @@ def check(path, model: str | None = None, data: str | None = None, batches: int 
         raise ValueError(f"--model must be one of {MODELS}, got {model!r}")
     if model is None and data is not None:
         raise ValueError("--data needs --model (the network to run the batches through)")
-    nonfinite = sorted(k for k, v in state.items()
-                       if np.issubdtype(np.asarray(v).dtype, np.floating)
-                       and not np.isfinite(v).all())
-    if model is not None and kind == "bnlab" and nonfinite:
-        # bnlab's models refuse NaN/inf on loading: report what the file itself shows
-        report["skipped"].update({code: f"bnlab models do not load NaN/inf ({nonfinite[0]}): "
-                                        "fix that first" for code in (*NEEDS_MODEL, *NEEDS_DATA)})
-        model = report["model"] = None
+    layers = file_layers(state)
+    report["layers"] = [layer.name for layer in layers]
+    if model is not None and kind == "bnlab":
+        nonfinite = sorted(k for k, v in state.items()
+                           if np.issubdtype(np.asarray(v).dtype, np.floating)
+                           and not np.isfinite(v).all())
+        if nonfinite:  # bnlab's models refuse NaN/inf on loading: report what the file shows
+            report["skipped"].update({
+                code: f"bnlab models do not load NaN/inf ({nonfinite[0]}): fix that first"
+                for code in (*NEEDS_MODEL, *NEEDS_DATA)})
+            model = report["model"] = None
     if model is None:
-        layers = file_layers(state)
         report["assumptions"].append(
             f"cold-stats assumes momentum {ASSUMED_MOMENTUM} (the default of torch and bnlab)")
         for code, why in {**NEEDS_MODEL, **NEEDS_DATA}.items():
@@ -194,7 +195,6 @@ def check(path, model: str | None = None, data: str | None = None, batches: int 
         report["assumptions"].append(
             f"{model} built for {name} with its default momentum, in evaluation mode")
         report["findings"] = doctor(net, xs, ys)
-    report["layers"] = [layer.name for layer in file_layers(state)]
     return report
 
 

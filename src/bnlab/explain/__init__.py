@@ -46,15 +46,15 @@ def _stats(v: np.ndarray) -> dict:
 
 
 def _network(net, image_shape) -> list[dict]:
-    """The seed CNN's layers with their output shapes (a forward pass of one digit)."""
+    """The seed CNN's layers with their output shapes (an evaluation pass of one digit)."""
     x = np.zeros((1, *image_shape), np.float32)
     layers = [{"name": "input", "kind": "Input", "shape": list(image_shape), "bn": False}]
+    net.eval()
     for name, layer in net._modules.items():
         x = layer(x)
         kind = type(layer).__name__
         layers.append({"name": name, "kind": kind, "shape": list(x.shape[1:]),
                        "bn": "BatchNorm" in kind})
-    net.eval()
     return layers
 
 
@@ -99,7 +99,7 @@ def page_data(seed: int = 0) -> dict:
             "running": {"mean": bn.running_mean.astype(float).tolist(),
                         "var": bn.running_var.astype(float).tolist(),
                         "batches": int(bn.num_batches_tracked), "momentum": bn.momentum},
-            "network": _network(models.seed_cnn(seed=seed), images.shape[1:]),
+            "network": _network(net, images.shape[1:]),
             "samples": base64.b64encode(samples.tobytes()).decode(),
             "sample_shape": list(samples.shape), "run": None}
 
@@ -181,6 +181,6 @@ def build(out=None, run=None, seed: int = 0) -> Path:
         path = out / "explain.html"
         atomic_write(path, lambda f: f.write(render(data).encode("utf-8")))
         path.chmod(0o644)  # a page to open or serve, like any other
-    except (FileExistsError, NotADirectoryError, PermissionError, OSError) as e:
+    except OSError as e:  # a file in the way, no permission, a full disk
         raise ValueError(f"cannot write the page into {out}: {e.strerror or e}") from e
     return path

@@ -17,8 +17,9 @@ A program works on 3-D tiles ``[BN, BC, BL]``: channels-first tiles are one chan
 ``BC`` contiguous channels (BL = 1). So every load is contiguous in memory.
 
 Grid. Programs are ``(channel block, part)``: each channel block's tiles are cut into ``P``
-parts (many when C is small and N*L large), enough parts to give the GPU about
-``PROGRAMS_PER_SM`` programs per multiprocessor. Reductions write one partial per part
+parts (many when C is small and N*L large), enough parts to give the GPU at most
+``PROGRAMS_PER_SM`` programs per multiprocessor (rounded down: a grid never spills a second
+wave of a few programs). Reductions write one partial per part
 into a ``(2, P, C)`` float32 buffer, summed in a fixed order: results are the same from run
 to run (no float atomics). Few partials (``P * BC <= FUSED_PARTIALS``) are summed by every
 program of the next kernel; many (channels-last with small C: a thousand parts) once, by a

@@ -46,6 +46,11 @@ class _Ghost:
     :class:`bnlab.nn.GhostBatchNorm2d`'s docstring). Evaluation uses the running
     statistics."""
 
+    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
+                 affine=True, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(input)
@@ -79,20 +84,10 @@ class GhostBatchNorm1d(_Ghost, _BatchNorm, torch.nn.BatchNorm1d):
     """Ghost BN over (N, C) or (N, C, L); N a multiple of ``virtual_batch_size`` in training.
     Other arguments and attributes are ``torch.nn.BatchNorm1d``'s."""
 
-    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
-                 affine=True, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
-
 
 class GhostBatchNorm2d(_Ghost, _BatchNorm, torch.nn.BatchNorm2d):
     """Ghost BN over (N, C, H, W); N a multiple of ``virtual_batch_size`` in training.
     Other arguments and attributes are ``torch.nn.BatchNorm2d``'s."""
-
-    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
-                 affine=True, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
 
 
 # --- batch renormalization ---------------------------------------------------------------------
@@ -105,7 +100,9 @@ class _Renorm:
     r and d from :func:`bnlab.functional.renorm_correction` (constants);
     ``y = x_hat * (weight * r) + (weight * d + bias)``."""
 
-    def _init_renorm(self, rmax, dmax, renorm_momentum):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
+                 renorm_momentum=0.01, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         if rmax < 1 or dmax < 0:
             raise ValueError(f"rmax must be >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
         self.rmax, self.dmax, self.renorm_momentum = float(rmax), float(dmax), renorm_momentum
@@ -147,19 +144,9 @@ class _Renorm:
 class BatchRenorm1d(_Renorm, _BatchNorm, torch.nn.BatchNorm1d):
     """Batch renormalization over (N, C) or (N, C, L); see :class:`_Renorm`."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
-                 renorm_momentum=0.01, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        self._init_renorm(rmax, dmax, renorm_momentum)
-
 
 class BatchRenorm2d(_Renorm, _BatchNorm, torch.nn.BatchNorm2d):
     """Batch renormalization over (N, C, H, W); see :class:`_Renorm`."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
-                 renorm_momentum=0.01, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, True, device, dtype)
-        self._init_renorm(rmax, dmax, renorm_momentum)
 
 
 # --- BN + activation ---------------------------------------------------------------------------
