@@ -14,6 +14,7 @@ cap for a whole process.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -43,6 +44,24 @@ def _triton_module():
         else:
             _loaded["triton"] = triton_bn
     return _loaded["triton"]
+
+
+def missing_numba_message() -> str:
+    """What a missing numba costs, said once (by :func:`resolve` and bnlab.torch's engine
+    layer)."""
+    return (f"bnlab: numba failed to import ({_numba_module()}), so bnlab's fused CPU kernels "
+            "are unavailable: NumPy calls run the NumPy reference instead (a training "
+            "forward+backward about 9x slower in docs/bench/run-7.json, one run) and "
+            "bnlab.torch runs torch's own kernel on CPU; pip install numba")
+
+
+_said: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def triton_interpreted() -> bool:
@@ -77,7 +96,10 @@ def resolve(backend: str = "auto", dtype=None):
             raise ValueError(f"BNLAB_BACKEND must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
             mod = _numba_module()
-            if isinstance(mod, ImportError) or (dtype is not None and dtype not in DTYPES):
+            if isinstance(mod, ImportError):
+                _warn_once("numba", missing_numba_message())
+                return None
+            if dtype is not None and dtype not in DTYPES:
                 return None
             return mod
     if backend == "numpy":

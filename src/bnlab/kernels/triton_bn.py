@@ -33,15 +33,18 @@ Passes over memory (the cost that matters; BN does almost no arithmetic), and la
   (3 with many parts).
 * inference: read x, write y (2); 1 launch.
 
-Numerics, as in numba_bn: statistics are float32 sums of ``x - k`` and ``(x - k)^2`` with
-``k = x[0, c, 0]`` one sample of the channel, so ``E[x^2] - E[x]^2`` cannot cancel the
-variance away (``x = 1e4 + noise`` keeps it). The batch mean is kept as the float32 pair
-``k + d`` (``d`` the mean of ``x - k``; passed between kernels as one float64), and
-elementwise passes compute ``((x - k) - d) * scale + beta``: ``x - k`` is exact for values
-near ``k``, so a large common offset costs no precision (a float32 mean would: its rounding
-alone is 5e-4 at 1e4). Never ``x * scale + (beta - mean * scale)``, which cancels. Per-channel
-divisions and square roots are IEEE-rounded (``div_rn``, ``sqrt_rn``). float16 and
-bfloat16 inputs are computed in float32 and rounded once on the way out.
+Numerics. Statistics are Welford/Chan merges, so no result depends on which element comes
+first or on a common offset: every lane of a tile keeps (count, mean, M2) of ``x - k``
+(Welford's update per value), a part merges its lanes, and the parts are merged in a fixed
+order by Chan's formula. ``k = x[0, c, 0]`` only shifts the values (it changes no
+statistic): the batch mean is kept as the float32 pair ``k + d`` (``d`` the mean of
+``x - k``; passed between kernels as one float64), and elementwise passes compute
+``((x - k) - d) * scale + beta``: ``x - k`` is exact for values near ``k``, so a large
+common offset costs no precision (a float32 mean would: its rounding alone is 5e-4 at 1e4).
+Never ``x * scale + (beta - mean * scale)``, which cancels. Per-channel divisions and square
+roots are IEEE-rounded (``div_rn``, ``sqrt_rn``). float16 and bfloat16 inputs are computed in
+float32 and rounded once on the way out. (C,) parameters and buffers of any stride are read
+and written through contiguous copies where they are not contiguous.
 
 NaN guard (bnlab's contract): a training batch whose statistics are not finite in some
 channel updates no running statistic and not ``num_batches_tracked``.
@@ -116,13 +119,44 @@ def _parts(part_ptr, P, C, cc, c_mask, PB: tl.constexpr):
 
 @triton.jit
 def _batch_stats(x_ptr, part_ptr, P, C, sC, cc, c_mask, m, PB: tl.constexpr):
-    """Batch mean as the pair k + d (k = x[0, c, 0], d = mean of x - k) and biased var."""
-    s1, s2 = _parts(part_ptr, P, C, cc, c_mask, PB)
+    """Batch mean as the pair k + d (k = x[0, c, 0], d = mean of x - k) and biased var,
+    from the parts' (count, mean, M2) of x - k (part[0..2, p, c]), merged in a fixed
+    order: each block of PB parts at once, then into the running total by Chan's formula."""
+    n = tl.zeros(cc.shape, dtype=tl.float32)
+    d = tl.zeros(cc.shape, dtype=tl.float32)
+    m2 = tl.zeros(cc.shape, dtype=tl.float32)
+    for p0 in range(0, P, PB):
+        p = p0 + tl.arange(0, PB)[:, None]
+        mask = (p < P) & c_mask[None, :]
+        offset = p * C + cc[None, :]
+        bn = tl.load(part_ptr + offset, mask=mask, other=0.0)
+        bmu = tl.load(part_ptr + P * C + offset, mask=mask, other=0.0)
+        bm2 = tl.load(part_ptr + 2 * P * C + offset, mask=mask, other=0.0)
+        n_b, d_b, m2_b = _merge_lanes(bn, bmu, bm2, 0)
+        n, d, m2 = _chan(n, d, m2, n_b, d_b, m2_b)
     k = tl.load(x_ptr + cc * sC, mask=c_mask, other=0.0).to(tl.float32)
-    d = tl.div_rn(s1, m)
-    var = tl.maximum(tl.div_rn(s2, m) - d * d, 0.0,
+    var = tl.maximum(tl.div_rn(m2, m), 0.0,
                      propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch
     return k, d, var
+
+
+@triton.jit
+def _merge_lanes(n, mu, m2, axis: tl.constexpr):
+    """(count, mean, M2) of several groups merged along ``axis``: the pooled mean and
+    M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2)."""
+    total = tl.sum(n, axis=axis)
+    mean = tl.sum(n * mu, axis=axis) / tl.maximum(total, 1.0)
+    dev = mu - tl.expand_dims(mean, axis)
+    return total, mean, tl.sum(m2 + n * dev * dev, axis=axis)
+
+
+@triton.jit
+def _chan(n_a, mu_a, m2_a, n_b, mu_b, m2_b):
+    """Chan's merge of two (count, mean, M2)."""
+    n = n_a + n_b
+    delta = mu_b - mu_a
+    w = n_b / tl.maximum(n, 1.0)
+    return n, mu_a + delta * w, m2_a + m2_b + delta * delta * n_a * w
 
 
 @triton.jit
@@ -201,26 +235,29 @@ def _store_stats(mean_ptr, var_ptr, inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr, bad_pt
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
 def _stats_kernel(x_ptr, part_ptr, bad_ptr, N, C, L, sN, sC, sL, TL, T, P,
                   BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, INT64: tl.constexpr):
-    """Partial shifted sums: part[0, p, c] = sum(x - k), part[1, p, c] = sum((x - k)^2) over
-    part p's tiles, k = x[0, c, 0]; bad[p, c_block] = how many of the block's channels have a
-    non-finite partial."""
+    """Part p's (count, mean, M2) of x - k per channel (k = x[0, c, 0]) into part[0..2, p, c]:
+    Welford's update in every lane of the tile, then the lanes merged; bad[p, c_block] =
+    how many of the block's channels have a non-finite mean or M2."""
     c_block = tl.program_id(0)
     p = tl.program_id(1)
     cc, c_mask = _channels(c_block, C, BC)
     k = tl.load(x_ptr + cc * sC, mask=c_mask, other=0.0).to(tl.float32)[None, :, None]
-    s1 = tl.zeros((BN, BC, BL), dtype=tl.float32)
-    s2 = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    n = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    mu = tl.zeros((BN, BC, BL), dtype=tl.float32)
+    m2 = tl.zeros((BN, BC, BL), dtype=tl.float32)
     for t in range(p * T // P, (p + 1) * T // P):
         offset, mask = _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN, BC, BL, INT64)
         x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, x - k, 0.0)
-        s1 += d
-        s2 += d * d
-    s1 = tl.sum(tl.sum(s1, axis=2), axis=0)
-    s2 = tl.sum(tl.sum(s2, axis=2), axis=0)
-    tl.store(part_ptr + p * C + cc, s1, mask=c_mask)
-    tl.store(part_ptr + P * C + p * C + cc, s2, mask=c_mask)
-    bad = tl.where(c_mask & ~(_finite(s1) & _finite(s2)), 1, 0)
+        n = n + mask.to(tl.float32)
+        delta = tl.where(mask, (x - k) - mu, 0.0)
+        mu = mu + delta / tl.maximum(n, 1.0)
+        m2 = m2 + tl.where(mask, delta * ((x - k) - mu), 0.0)
+    n, mu, m2 = _merge_lanes(n, mu, m2, 2)  # [BN, BC]
+    n, mu, m2 = _merge_lanes(n, mu, m2, 0)  # [BC]
+    tl.store(part_ptr + p * C + cc, n, mask=c_mask)
+    tl.store(part_ptr + P * C + p * C + cc, mu, mask=c_mask)
+    tl.store(part_ptr + 2 * P * C + p * C + cc, m2, mask=c_mask)
+    bad = tl.where(c_mask & ~(_finite(mu) & _finite(m2)), 1, 0)
     tl.store(bad_ptr + p * tl.num_programs(0) + c_block, tl.sum(bad))
 
 
@@ -296,29 +333,6 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
             tl.store(stat_mean_ptr + cc, mean_hi.to(tl.float64) + mean_lo.to(tl.float64),
                      mask=c_mask)
             tl.store(stat_inv_std_ptr + cc, inv_std, mask=c_mask)
-
-
-@triton.jit(do_not_specialize=["C"])
-def _update_kernel(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, momentum, unbias,
-                   BC: tl.constexpr, HAS_NBT: tl.constexpr):
-    """The running-statistics update on its own (one program): for torch.compile, whose
-    traced forward cannot mutate; the same update and guard as _store_stats'."""
-    bad = tl.zeros((BC,), dtype=tl.int32)
-    for c0 in range(0, C, BC):
-        cc = c0 + tl.arange(0, BC)
-        c_mask = cc < C
-        mean = tl.load(mean_ptr + cc, mask=c_mask, other=0.0)
-        var = tl.load(var_ptr + cc, mask=c_mask, other=0.0)
-        bad += tl.where(c_mask & ~(_finite(mean) & _finite(var)), 1, 0)
-    ok = tl.sum(bad) == 0
-    for c0 in range(0, C, BC):
-        cc = c0 + tl.arange(0, BC)
-        c_mask = cc < C
-        mean = tl.load(mean_ptr + cc, mask=c_mask, other=0.0).to(tl.float32)
-        var = tl.load(var_ptr + cc, mask=c_mask, other=0.0)
-        _update(rm_ptr, rv_ptr, cc, c_mask, ok, mean, var * unbias, momentum)
-    if HAS_NBT:
-        tl.store(nbt_ptr, tl.load(nbt_ptr) + ok.to(tl.int64))
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
@@ -569,6 +583,12 @@ def _prepare(x, dy=None):
     return x, dy, _geometry(x, fmt)
 
 
+def _vec(t):
+    """A (C,) parameter, statistic or buffer as the kernels index it: contiguous (a view
+    like ``w[::2]`` is copied; a buffer copied so is written back by the caller)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _stats_like(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(x.shape[1], dtype=dtype, device=x.device)
 
@@ -609,13 +629,15 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
     """
     x, _, run = _prepare(x)
     relu = _relu(act)
-    parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
+    weight, bias = _vec(weight), _vec(bias)
+    rm, rv = _vec(running_mean), _vec(running_var)  # contiguous: written back below
+    parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
     bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
     y = torch.empty_like(x, memory_format=run.fmt)
     mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
-    update = running_mean is not None and running_var is not None
+    update = rm is not None and rv is not None
     has_nbt = update and num_batches_tracked is not None
-    plan = _plan("train", x, weight, bias, running_mean, running_var, num_batches_tracked,
+    plan = _plan("train", x, weight, bias, rm, rv, num_batches_tracked,
                  has_nbt, relu,
                  _aligned(parts, bad, y, mean, var, inv_std))
     m, unbias = float(run.m), run.m / max(run.m - 1, 1)
@@ -624,14 +646,17 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
     if not run.fused:
         grid, BC, PB = run.finalize
         _go(plan, 1, _finalize_stats_kernel, grid,
-            (x, parts, bad, mean, var, inv_std, running_mean, running_var, num_batches_tracked,
+            (x, parts, bad, mean, var, inv_std, rm, rv, num_batches_tracked,
              run.P, run.C, run.strides[1], run.n_bad, m, eps, momentum, unbias,
              BC, PB, run.BADB, update, has_nbt))
     _go(plan, 1 + (not run.fused), _normalize_kernel, run.grid,
-        (x, y, parts, bad, weight, bias, None, None, mean, var, inv_std, running_mean,
-         running_var, num_batches_tracked, *run.args, run.n_bad, m, eps, momentum, unbias,
+        (x, y, parts, bad, weight, bias, None, None, mean, var, inv_std, rm, rv,
+         num_batches_tracked, *run.args, run.n_bad, m, eps, momentum, unbias,
          *run.tiles, run.PB, run.BADB, 0 if run.fused else 1, weight is not None,
          bias is not None, update, has_nbt, relu), run.num_warps)
+    for buf, k in ((running_mean, rm), (running_var, rv)):
+        if buf is not k:
+            buf.copy_(k)
     return y, mean, var, inv_std
 
 
@@ -641,6 +666,7 @@ def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
     for the backward."""
     x, _, run = _prepare(x)
     relu = _relu(act)
+    mean, var, weight, bias = _vec(mean), _vec(var), _vec(weight), _vec(bias)
     y = torch.empty_like(x, memory_format=run.fmt)
     mean_out, inv_std = _stats_like(x, torch.float64), _stats_like(x)
     plan = _plan("inference", x, mean, var, weight, bias, relu, _aligned(y, mean_out, inv_std))
@@ -649,18 +675,6 @@ def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
          *run.args, 0, 1.0, float(eps), 0.0, 1.0, *run.tiles, 1, 1, 2, weight is not None,
          bias is not None, False, False, relu), run.num_warps)
     return y, mean_out, inv_std
-
-
-def update_running_stats(running_mean, running_var, num_batches_tracked, mean, var,
-                         count: int, momentum: float) -> None:
-    """The update of :func:`train_forward` on its own, from (C,) batch mean and biased var
-    over ``count`` values per channel (one launch)."""
-    check_device(running_mean)
-    C = running_mean.shape[0]
-    _go(None, 0, _update_kernel, (1,),
-        (running_mean, running_var, num_batches_tracked, mean, var, C, float(momentum),
-         count / max(count - 1, 1), min(triton.next_power_of_2(C), 1024),
-         num_batches_tracked is not None))
 
 
 def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
@@ -673,6 +687,7 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
     Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta.
     """
     x, dy, run = _prepare(x, dy)
+    mean, inv_std, weight, bias = _vec(mean), _vec(inv_std), _vec(weight), _vec(bias)
     relu, has_w, has_b = _relu(act), weight is not None, bias is not None
     batch_stats = bool(batch_stats)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
@@ -701,7 +716,7 @@ def moments(x):
     """Batch mean (float64, the exact float32 pair) and biased var (float32), (C,) each: the
     statistics half of :func:`train_forward` (two launches)."""
     x, _, run = _prepare(x)
-    parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
+    parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
     bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
     mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
     plan = _plan("moments", x, _aligned(parts, bad, mean, var, inv_std))
@@ -717,6 +732,7 @@ def grad_sums(dy, x, mean):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` per channel (float32, (C,)): the reductions
     of :func:`backward` (two launches)."""
     x, dy, run = _prepare(x, dy)
+    mean = _vec(mean)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     sum_dy, sum_dy_xmu = _stats_like(x), _stats_like(x)
     ones = torch.ones(run.C, dtype=torch.float32, device=x.device)  # inv_std = 1: raw sums
@@ -734,9 +750,10 @@ def dx_from_sums(dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count: int):
     """dx of :func:`backward` (batch statistics) from given float32 (C,) sums over ``count``
     values per channel, e.g. summed over every process (one launch)."""
     x, dy, run = _prepare(x, dy)
+    mean, inv_std, weight = _vec(mean), _vec(inv_std), _vec(weight)
     dx = torch.empty_like(x, memory_format=run.fmt)
-    dgamma = (sum_dy_xmu * inv_std).to(torch.float32)
-    dbeta = sum_dy.to(torch.float32)
+    dgamma = (sum_dy_xmu * inv_std).to(torch.float32).contiguous()
+    dbeta = sum_dy.to(torch.float32).contiguous()
     plan = _plan("dx_from_sums", x, dy, mean, inv_std, weight, _aligned(dx, dgamma, dbeta))
     _go(plan, 0, _dx_kernel, run.grid,
         (dy, x, dx, None, mean, inv_std, weight, None, dgamma, dbeta, *run.args,

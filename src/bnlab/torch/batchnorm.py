@@ -9,89 +9,124 @@ without ``num_batches_tracked`` too), input checks, train/eval, ``track_running_
 (a NaN/inf batch leaves the running statistics and ``num_batches_tracked`` unchanged).
 """
 
-from __future__ import annotations
 
-import numpy as np
+from typing import Optional
+
 import torch
-from torch.autograd.function import once_differentiable
 
-from .. import functional as BF
+from . import engine
 from . import functional as F
 
 
 class _BatchNorm:
     """Mixin placed before the torch class: bookkeeping as torch's ``_BatchNorm.forward``
-    (which statistics, when to update, the momentum), the math in bnlab's kernels.
+    (which statistics, when to update, the momentum), the engine chosen by
+    :func:`bnlab.torch.engine.select`.
 
         y = (x - E[x]) / sqrt(Var[x] + eps) * weight + bias
 
     ``backend`` (class attribute, may be set per instance): "auto" (default), "numba",
-    "triton" or "native", as in :func:`bnlab.torch.functional.batch_norm`, except that a module's
-    "native" keeps the NaN guard (torch's computation, bnlab's bookkeeping).
+    "triton", "reference" or "native", as in :func:`bnlab.torch.functional.batch_norm`.
     """
 
     backend = "auto"
 
-    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``mask``: as :meth:`bnlab.nn.BatchNorm2d.forward`'s (statistics and the
-        running-statistics update only over True positions; ignored in evaluation)."""
-        self._check_input_dim(input)
-        if mask is not None and (self.training or self.running_mean is None):
-            return MaskedFunction.apply(input, mask, self.weight, self.bias, self.eps, self)
-        update = self.training and self.track_running_stats
-        # batch statistics in training, and in evaluation when there are no running ones
+    def _bn_args(self):
+        """(training with batch statistics, running_mean, running_var, num_batches_tracked,
+        momentum) as torch's ``_BatchNorm.forward`` decides them: batch statistics in
+        training, and in evaluation when there are no running ones; the buffers passed only
+        when they are updated (training) or used (evaluation)."""
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # buffers are passed only when they are updated (training) or used (evaluation)
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
-        nbt = self.num_batches_tracked if update else None
+        passed = not self.training or self.track_running_stats
+        nbt = self.num_batches_tracked if self.training and self.track_running_stats else None
         momentum = self.momentum
         if momentum is None and nbt is None:
             momentum = 0.0  # torch's value when there is no count to average over
-        engine = F.kernel_engine(self.backend, input, running_mean, running_var, self.weight,
-                                 self.bias, bn_training)
-        if engine is None:
-            return F.guarded_native(input, running_mean, running_var, self.weight, self.bias,
-                                    bn_training, momentum, self.eps, nbt)
-        return F.kernel_batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                   bn_training, momentum, self.eps, nbt, engine)
+        return (bn_training, self.running_mean if passed else None,
+                self.running_var if passed else None, nbt, momentum)
+
+    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mask``: as :meth:`bnlab.nn.BatchNorm2d.forward`'s (statistics and the
+        running-statistics update only over True positions, a bool tensor of input's shape
+        without dimension 1; ignored in evaluation)."""
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return self._scripted(input, mask)
+        return self._forward(input, mask)
+
+    def _scripted(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Under ``torch.jit.script``, which cannot call bnlab's kernels: the native engine
+        (torch's kernel) with bnlab's checks and guard, in TorchScript (the form of
+        :func:`bnlab.torch.functional.guarded_native` that TorchScript compiles)."""
+        self._check_input_dim(input)
+        if mask is not None:
+            raise RuntimeError("mask= needs bnlab's Python path; not under torch.jit.script")
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean, running_var = self.running_mean, self.running_var
+        nbt = self.num_batches_tracked
+        if self.training and self.track_running_stats and running_mean is not None \
+                and running_var is not None and nbt is not None:
+            momentum = self.momentum
+            w = 1.0 / (float(nbt) + 1.0) if momentum is None else momentum
+            new_mean, new_var = running_mean.clone(), running_var.clone()
+            y = torch.nn.functional.batch_norm(input, new_mean, new_var, self.weight,
+                                               self.bias, True, w, self.eps)
+            if bool(torch.isfinite(new_mean).all()) and bool(torch.isfinite(new_var).all()):
+                running_mean.copy_(new_mean)
+                running_var.copy_(new_var)
+                nbt.add_(1)
+            return self._scripted_act(y)
+        if self.training and not self.track_running_stats:
+            running_mean, running_var = None, None
+        return self._scripted_act(torch.nn.functional.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, bn_training, 0.0,
+            self.eps))
+
+    def _scripted_act(self, y: torch.Tensor) -> torch.Tensor:
+        return y  # BatchNormAct2d: its activation
+
+    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        bn_training, running_mean, running_var, nbt, momentum = self._bn_args()
+        engine.check_eps(self.eps, bn_training)
+        if mask is not None:
+            mask = _check_mask(mask, input) if bn_training else None
+        name = engine.select(self.backend, input,
+                             (running_mean, running_var, self.weight, self.bias), mask=mask,
+                             update=nbt is not None)
+        return F.run(name, input, running_mean, running_var, self.weight, self.bias,
+                     bn_training, momentum, self.eps, nbt, mask)
 
 
-class MaskedFunction(torch.autograd.Function):
-    """Masked batch statistics, by :func:`bnlab.functional.batch_norm_forward` and
-    ``batch_norm_backward`` (NumPy, on the CPU: CUDA tensors are copied there and back).
-    Updates the module's running statistics (if tracked) with the masked count."""
+def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``mask`` checked as :func:`bnlab.functional.batch_norm_forward` checks it (x's shape
+    without dimension 1, boolean, a True entry somewhere), on x's device."""
+    want = (x.shape[0], *x.shape[2:])
+    if tuple(mask.shape) != want:
+        raise ValueError(f"mask must have x's shape without the channel axis {want}, got "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be boolean (True: counts in the statistics), got "
+                        f"{mask.dtype}")
+    mask = mask.to(x.device)
+    if not engine.transformed(x) and not bool(mask.any()):
+        raise ValueError("mask has no True entry: there is nothing to take statistics over")
+    return mask
 
-    @staticmethod
-    def forward(ctx, x, mask, weight, bias, eps, module):
-        def host(t):
-            return None if t is None else t.detach().cpu().numpy()
 
-        y, cache = BF.batch_norm_forward(host(x), host(weight), host(bias), eps, 1,
-                                         mask=host(mask).astype(bool))
-        if module.training and module.track_running_stats:
-            module.num_batches_tracked.add_(1)
-            momentum = module.momentum
-            if momentum is None:
-                momentum = 1.0 / float(module.num_batches_tracked)
-            with torch.no_grad():
-                rm, rv = host(module.running_mean).copy(), host(module.running_var).copy()
-                BF.update_running_stats(rm, rv, cache.mean, cache.var, int(cache.mask.sum()),
-                                        momentum)
-                module.running_mean.copy_(torch.from_numpy(rm))
-                module.running_var.copy_(torch.from_numpy(rv))
-        ctx.cache, ctx.device = cache, x.device
-        ctx.has_weight = weight is not None
-        return torch.from_numpy(y).to(x.device)
+def no_mask(module, mask) -> None:
+    """The modules whose forward has no ``mask=`` say so."""
+    if mask is not None:
+        raise TypeError(f"{type(module).__name__} does not take mask=")
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        dx, dgamma, dbeta = BF.batch_norm_backward(dy.detach().cpu().numpy(), ctx.cache)
-        out = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(ctx.device)  # noqa: E731
-        if not ctx.has_weight:
-            return out(dx), None, None, None, None, None
-        return out(dx), None, out(dgamma), out(dbeta), None, None
+
+class PythonOnly:
+    """Mixin for modules whose training step has no TorchScript form (ghost batches, batch
+    renormalization, SyncBatchNorm's collectives): under ``torch.jit.script`` they raise
+    rather than run plain BN in its place."""
+
+    def _scripted(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        raise RuntimeError("this bnlab BN variant runs in Python only, not under "
+                           "torch.jit.script")
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

@@ -21,21 +21,24 @@ Local batch sizes may differ and may be 0. The running statistics are updated on
 rank with the same global values (unbiased with the global count), so they stay
 identical. bnlab's NaN guard holds for the global batch.
 
-The first training call (and any call whose channel count, dtype or rank differ from the
-last) first exchanges (C, dtype, ndim) with every rank (one all-gather). Mismatched ranks
-then get a ValueError that names them, on every rank, instead of a hang or garbage.
+Every training call first exchanges (C, dtype, ndim) with every rank (one all-gather of
+three integers), so a rank whose input differs, at the first call or any later one, gives
+every rank a ValueError that names the ranks, instead of a hang or garbage. That is one
+small collective per BN layer and step more than the two above: a rank cannot know that
+another changed without hearing from it, and the statistics' all-reduce cannot carry the
+signature (its size depends on C, and collectives of different sizes hang or corrupt).
+Its cost is measured by ``tools/sync_check_cost.py`` (docs/scaling.md).
 """
 
-from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
-from . import _ops
-from . import functional as F
-from .batchnorm import _BatchNorm
+from . import _ops, engine
+from .batchnorm import PythonOnly, _BatchNorm, no_mask
 
 _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
 
@@ -70,12 +73,12 @@ class SyncFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, nbt, eps, momentum, group,
-                engine):
+                impl):
         C = x.shape[1]
         n_local = x.numel() // C if x.numel() else 0
         packed = torch.zeros((3, C), dtype=torch.float64, device=x.device)
         if n_local:
-            mean_l, var_l = (t.to(torch.float64) for t in engine.moments(x))
+            mean_l, var_l = (t.to(torch.float64) for t in impl.moments(x))
             packed[0] = n_local
             packed[1] = n_local * mean_l
             packed[2] = n_local * (var_l + mean_l * mean_l)
@@ -87,32 +90,35 @@ class SyncFunction(torch.autograd.Function):
             raise ValueError(f"Expected more than 1 value per channel when training, got {n} "
                              f"over all ranks (input size {tuple(x.shape)} on this rank)")
         if running_mean is not None:
-            engine.update(running_mean, running_var, nbt, mean, var, n, momentum)
+            engine.update_running(running_mean, running_var, nbt, mean, var, n, momentum)
         if n_local:
-            y, mean_k, inv_std = engine.eval(x, mean, var, weight, bias, eps)
+            y, mean_k, inv_std = impl.eval(x, mean, var, weight, bias, eps)
         else:
             y = torch.empty_like(x)
             mean_k, inv_std = mean, (var + eps).rsqrt()
         ctx.save_for_backward(x, weight, mean_k, inv_std)
-        ctx.n, ctx.n_local, ctx.group, ctx.engine = n, n_local, group, engine
+        ctx.n, ctx.n_local, ctx.group, ctx.impl = n, n_local, group, impl
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if _ops.graph_wanted(dy):
+            raise RuntimeError("SyncBatchNorm has no second derivative: its backward's "
+                               "all-reduce is not differentiable (use it without "
+                               "create_graph=True, or BatchNorm on one process)")
         x, weight, mean, inv_std = ctx.saved_tensors
         C = x.shape[1]
         sums = torch.zeros((2, C), dtype=torch.float64, device=x.device)
         if ctx.n_local:
             dy = dy.contiguous(memory_format=_ops.memory_format(x))
-            local = ctx.engine.grad_sums(dy, x, mean)
+            local = ctx.impl.grad_sums(dy, x, mean)
             sums[0], sums[1] = local[0], local[1]
         local_sums = sums.clone()
         dist.all_reduce(sums, group=ctx.group)
         if ctx.n_local:
-            dx = ctx.engine.dx_from_sums(dy, x, mean, inv_std, weight, sums[0], sums[1], ctx.n)
+            dx = ctx.impl.dx_from_sums(dy, x, mean, inv_std, weight, sums[0], sums[1], ctx.n)
         else:
             dx = torch.zeros_like(x)
         dweight = None if ctx.weight_dtype is None else (
@@ -121,7 +127,7 @@ class SyncFunction(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
+class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
     """``torch.nn.SyncBatchNorm`` on bnlab's kernels, on CPU (gloo) and CUDA (NCCL).
 
     Same constructor, attributes (``process_group``) and state dict as torch's class, but
@@ -153,36 +159,33 @@ class SyncBatchNorm(_BatchNorm, _TorchBatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        no_mask(self, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         if not (self.training and _group_size(self.process_group) > 1):
-            return super().forward(input)
-        if input.shape[1] != self.num_features:
+            return super()._forward(input)
+        group = self.process_group
+        _check_ranks(input, group)  # every call: any rank may change (module docstring)
+        if input.shape[1] != self.num_features:  # on every rank alike, after the exchange
             raise ValueError(f"expected {self.num_features} channels, got input of shape "
                              f"{tuple(input.shape)}")
-        group = self.process_group
-        signature = (input.shape[1], input.dtype, input.dim())
-        if getattr(self, "_agreed", None) != signature:
-            _check_ranks(input, group)
-            self._agreed = signature
+        engine.check_eps(self.eps, True)
         update = self.track_running_stats
-        engine = None
+        params = (self.running_mean if update else None, self.running_var if update else None,
+                  self.weight, self.bias)
         if input.numel():
-            name = F.kernel_engine(self.backend, input, self.running_mean if update else None,
-                                   self.running_var if update else None, self.weight,
-                                   self.bias, True)
-            if name is None:
+            name = engine.select(self.backend, input, params)
+            if name not in _ops.ENGINES:
                 raise TypeError(
                     f"SyncBatchNorm runs bnlab's kernels: CPU float32/float64 or CUDA "
                     f"float32/float16/bfloat16 input with parameters of its dtype (or float32),"
                     f" got {input.dtype} on {input.device}")
-            engine = _ops.ENGINES[name]
         else:  # an empty slice on this rank: no kernel runs, only the all-reduces
-            engine = _ops.engine_for(input.device)
+            name = "triton" if input.device.type == "cuda" else "numba"
         momentum = self.momentum
         nbt = self.num_batches_tracked if update else None
         return SyncFunction.apply(input, self.weight, self.bias,
                                   self.running_mean if update else None,
                                   self.running_var if update else None, nbt, self.eps,
-                                  momentum, group, engine)
+                                  momentum, group, _ops.ENGINES[name])

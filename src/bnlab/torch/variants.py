@@ -5,19 +5,21 @@ Bookkeeping and dispatch around bnlab's kernels (:mod:`bnlab.torch._ops`) and fo
 :mod:`bnlab.nn` (contract: "Variants" in shared/DESIGN.md).
 """
 
-from __future__ import annotations
 
+import collections
 import copy
+from typing import Optional
 
 import numpy as np
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as BF
 from ..nn.variants import recalibrate_layers
-from . import _ops
+from . import _ops, engine, reference
 from . import functional as F
-from .batchnorm import _BatchNorm
+from .batchnorm import PythonOnly, _BatchNorm, no_mask
 
 
 # --- ghost batches ----------------------------------------------------------------------------
@@ -25,20 +27,24 @@ from .batchnorm import _BatchNorm
 
 def _train_with_stats(x, weight, bias, eps, backend):
     """y with x's own batch statistics (differentiable in x, weight, bias), and the batch's
-    mean and biased var (no gradient): bnlab's kernels, or torch's function elsewhere."""
-    engine = F.kernel_engine(backend, x, None, None, weight, bias, True)
-    if engine is not None:
+    mean and biased var (no gradient), on the engine :func:`bnlab.torch.engine.select`
+    picks."""
+    name = engine.select(backend, x, (None, None, weight, bias))
+    engine.check_eps(eps, True)
+    if name in _ops.ENGINES:
         y, mean, var, _ = _ops.TrainFunction.apply(x, weight, bias, eps, None, None, None,
                                                    _ops.count_per_channel(x), 0.0,
-                                                   _ops.ENGINES[engine])
+                                                   _ops.ENGINES[name])
         return y, mean, var
+    if name == "reference":
+        y, mean, var, _ = reference.forward(x, weight, bias, eps, True)
+        return y, mean.detach(), var.detach()
     y = torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
-    dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+    var, mean = torch.var_mean(x.detach(), dim=[0, *range(2, x.dim())], correction=0)
     return y, mean, var
 
 
-class _Ghost:
+class _Ghost(PythonOnly):
     """Mixin: in training, virtual batch k is samples ``[k*v, (k+1)*v)``, normalized with
     its own statistics; the running statistics are updated once per call with the average
     of the virtual batches' means and unbiased variances (Keras's ``virtual_batch_size``,
@@ -51,9 +57,10 @@ class _Ghost:
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        no_mask(self, mask)
         if not self.training:
-            return super().forward(input)
+            return super()._forward(input)
         self._check_input_dim(input)
         v = self.virtual_batch_size
         if input.shape[0] % v:
@@ -62,7 +69,7 @@ class _Ghost:
                              f"{tuple(input.shape)})")
         ys, means, variances = [], [], []
         for chunk in input.split(v):
-            F._verify_batch_size(chunk)
+            engine.verify_batch_size(chunk)
             y, mean, var = _train_with_stats(chunk, self.weight, self.bias, self.eps,
                                              self.backend)
             ys.append(y)
@@ -71,9 +78,9 @@ class _Ghost:
         if self.track_running_stats:
             mean = torch.stack(means).mean(0)
             var = torch.stack(variances).mean(0)
-            _ops.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
-                                mean, var, _ops.count_per_channel(input) // len(ys),
-                                self.momentum)
+            engine.update_running(self.running_mean, self.running_var,
+                                  self.num_batches_tracked, mean, var,
+                                  _ops.count_per_channel(input) // len(ys), self.momentum)
         return torch.cat(ys)
 
     def extra_repr(self) -> str:
@@ -93,7 +100,7 @@ class GhostBatchNorm2d(_Ghost, _BatchNorm, torch.nn.BatchNorm2d):
 # --- batch renormalization ---------------------------------------------------------------------
 
 
-class _Renorm:
+class _Renorm(PythonOnly):
     """Mixin: batch renormalization in training, BN with the running statistics in
     evaluation; semantics, buffers (``renorm_mean``, ``renorm_std``) and conventions as
     :class:`bnlab.nn.BatchRenorm2d`'s. x_hat comes from bnlab's kernels (differentiable);
@@ -110,11 +117,12 @@ class _Renorm:
         self.register_buffer("renorm_mean", torch.zeros(self.num_features, **kw))
         self.register_buffer("renorm_std", torch.ones(self.num_features, **kw))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        no_mask(self, mask)
         if not self.training:
-            return super().forward(input)
+            return super()._forward(input)
         self._check_input_dim(input)
-        F._verify_batch_size(input)
+        engine.verify_batch_size(input)
         x_hat, mean, var = _train_with_stats(input, None, None, self.eps, self.backend)
         r, d, sigma_b = BF.renorm_correction(_np(mean), _np(var), self.eps,
                                              _np(self.renorm_mean), _np(self.renorm_std),
@@ -127,13 +135,12 @@ class _Renorm:
         weight = 1.0 if self.weight is None else self.weight.reshape(shape)
         bias = 0.0 if self.bias is None else self.bias.reshape(shape)
         y = x_hat * (weight * channel(r)) + (weight * channel(d) + bias)
-        with torch.no_grad():
-            rm, rs = _np(self.renorm_mean), _np(self.renorm_std)
-            BF.update_renorm_stats(rm, rs, _np(mean), sigma_b, self.renorm_momentum)
-            self.renorm_mean.copy_(torch.from_numpy(rm))
-            self.renorm_std.copy_(torch.from_numpy(rs))
-            _ops.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
-                                mean, var, _ops.count_per_channel(input), self.momentum)
+        # the renorm averages under the running statistics' guard: a NaN batch changes none
+        w = self.renorm_momentum
+        engine.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
+                              mean, var, _ops.count_per_channel(input), self.momentum,
+                              extra=((self.renorm_mean, mean, w),
+                                     (self.renorm_std, torch.from_numpy(sigma_b), w)))
         return y
 
     def extra_repr(self) -> str:
@@ -170,23 +177,27 @@ class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
                          dtype)
         self.act = act
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def _scripted_act(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.relu(y) if self.act == "relu" else y
+
+    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        no_mask(self, mask)
         self._check_input_dim(input)
         bn_training = self.training or self.running_mean is None
         update = self.training and self.track_running_stats
         rm = self.running_mean if not self.training or self.track_running_stats else None
         rv = self.running_var if not self.training or self.track_running_stats else None
-        engine = F.kernel_engine(self.backend, input, rm, rv, self.weight, self.bias,
-                                 bn_training)
-        if engine is None or torch.compiler.is_compiling():
-            y = super().forward(input)
+        engine.check_eps(self.eps, bn_training)
+        name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias))
+        if name not in _ops.ENGINES or torch.compiler.is_compiling():
+            y = super()._forward(input)
             return torch.relu(y) if self.act == "relu" else y
         if bn_training:
-            F._verify_batch_size(input)
+            engine.verify_batch_size(input)
         nbt = self.num_batches_tracked if update else None
         momentum = self.momentum if self.momentum is not None or nbt is not None else 0.0
         return _ops.ActFunction.apply(input, self.weight, self.bias, rm, rv, nbt, self.eps,
-                                      momentum, bn_training, self.act, engine)
+                                      momentum, bn_training, self.act, name)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", act={self.act!r}"
@@ -221,6 +232,9 @@ class FrozenBatchNorm2d(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+        if torch.jit.is_scripting():  # torch's kernel: TorchScript cannot call bnlab's
+            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var,
+                                                  self.weight, self.bias, False, 0.0, self.eps)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             training=False, eps=self.eps)
 
@@ -285,7 +299,8 @@ _FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
 
 def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Module:
     """An evaluation-mode copy of ``module`` (the original is untouched) in which every BN
-    directly after a ``Conv1d/2d/3d`` or ``Linear`` (whose output nothing else uses) is
+    directly after a ``Conv1d/2d/3d`` or ``Linear`` (whose output nothing else uses, and
+    neither of which is called more than once) is
     folded into that layer's weight and bias (:func:`bnlab.functional.fold_batchnorm_params`;
     torch's ``fuse_conv_bn_eval`` computes the same) and removed. The model is traced with
     ``torch.fx``, so residual blocks and other graphs work, not only Sequentials; the result
@@ -303,6 +318,7 @@ def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Mo
         raise ValueError(f"fold_batchnorm traces the model with torch.fx, which failed: {e}; "
                          "fold the traceable submodules instead") from e
     mods = dict(traced.named_modules())
+    calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
     for node in list(traced.graph.nodes):
         if node.op != "call_module" or not isinstance(mods[node.target], _TorchBatchNorm):
             continue
@@ -310,7 +326,9 @@ def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Mo
         prev = node.args[0] if node.args else None
         layer = (mods.get(prev.target) if isinstance(prev, torch.fx.Node)
                  and prev.op == "call_module" else None)
+        # a layer (or BN) called more than once cannot take one BN's values: it stays
         if (isinstance(layer, _FOLDABLE) and len(prev.users) == 1 and bn.track_running_stats
+                and calls[prev.target] == 1 and calls[node.target] == 1
                 and layer.weight.shape[0] == bn.num_features):
             w, b = BF.fold_batchnorm_params(
                 _np(layer.weight), None if layer.bias is None else _np(layer.bias),

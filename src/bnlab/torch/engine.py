@@ -1,0 +1,274 @@
+"""Which engine runs a bnlab.torch call, and the running-statistics bookkeeping: both once.
+
+Every module and function of :mod:`bnlab.torch` (BatchNorm1d/2d/3d, SyncBatchNorm, the
+variants, ``mask=``, :func:`bnlab.torch.batch_norm`) asks :func:`select` which engine runs
+it, and updates its running statistics through :func:`update_running`.
+
+Engines:
+
+* ``numba``: bnlab's CPU kernels (:mod:`bnlab.kernels.numba_bn`), zero-copy on contiguous
+  and channels-last memory.
+* ``triton``: bnlab's GPU kernels (:mod:`bnlab.kernels.triton_bn`); CPU tensors too when
+  Triton runs in its interpreter (``TRITON_INTERPRET=1``), which is how the tests run them.
+* ``reference``: the definition in torch operations (:mod:`bnlab.torch.reference`), any
+  device and dtype, differentiable to any order: ``mask=``, ``torch.func`` transforms and
+  forward-mode AD.
+* ``native``: ``torch.nn.functional.batch_norm``, with bnlab's bookkeeping around it
+  (NaN-guarded running statistics, :func:`guarded_native`).
+
+The rules are :data:`RULES`, in the order ``backend="auto"`` tries them; the docs' table
+is :func:`table`. A forced backend (``"numba"``, ``"triton"``, ``"reference"``,
+``"native"``) runs its engine or raises a TypeError/ValueError (an ImportError for a missing
+package) that names what it does not take; it never hands the call elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as _fwad
+
+from .. import kernels
+
+BACKENDS = ("auto", "numba", "triton", "reference", "native")
+
+_HALF = (torch.float16, torch.bfloat16)
+_FLOAT = (torch.float32, torch.float64, *_HALF)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one engine takes. ``devices``: where ``auto`` picks it ("cpu", "cuda");
+    ``dtypes``: x's dtypes; ``param_dtypes``: "x" (weight, bias and running statistics of
+    x's dtype) or "x|float32" (also float32: half activations with float32 parameters, as
+    autocast makes them); ``package``: what must import; ``transforms``: runs under
+    ``torch.func`` transforms and forward-mode AD; ``mask``: takes ``mask=``."""
+
+    engine: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    param_dtypes: str
+    package: str | None
+    transforms: bool
+    mask: bool
+    note: str
+
+
+RULES = (
+    Rule("triton", ("cuda",), (torch.float32, *_HALF), "x|float32", "triton", False, False,
+         "statistics in float32 by Welford/Chan merges"),
+    Rule("numba", ("cpu",), (torch.float32, torch.float64), "x", "numba", False, False,
+         "statistics accumulated in float64"),
+    Rule("reference", ("cpu", "cuda"), _FLOAT, "any", None, True, True,
+         "two-pass statistics in float64 (float64 input) or float32"),
+    Rule("native", ("cpu", "cuda"), _FLOAT, "any", None, True, False,
+         "torch's kernel; bnlab's NaN guard and checks around it"),
+)
+RULE = {r.engine: r for r in RULES}
+
+
+def table() -> str:
+    """The rules as a Markdown table (docs/performance.md shows it)."""
+    rows = ["| engine | auto picks it for | dtypes | parameters | masks | torch.func | "
+            "statistics |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    name = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+            torch.bfloat16: "bfloat16"}
+    for r in RULES:
+        rows.append(f"| `{r.engine}` | {' and '.join(r.devices)} tensors | "
+                    f"{', '.join(name[d] for d in r.dtypes)} | {r.param_dtypes} | "
+                    f"{'yes' if r.mask else 'no'} | {'yes' if r.transforms else 'no'} | "
+                    f"{r.note} |")
+    return "\n".join(rows)
+
+
+# --- what is installed ------------------------------------------------------------------------
+
+def available(engine: str) -> bool:
+    """The engine's package imports."""
+    package = RULE[engine].package
+    if package is None:
+        return True
+    mod = kernels._numba_module() if package == "numba" else kernels._triton_module()
+    return not isinstance(mod, ImportError)
+
+
+def _require(engine: str) -> None:
+    """The ImportError that says why a forced engine's package is missing."""
+    if RULE[engine].package == "numba":
+        kernels.resolve("numba")
+    else:
+        kernels.resolve_triton()
+
+
+# --- checks torch makes -----------------------------------------------------------------------
+
+
+def check_eps(eps: float, training: bool) -> None:
+    """torch's check and message: eps > 0 in training, eps >= 0 in evaluation."""
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def verify_batch_size(x: torch.Tensor) -> None:
+    """torch's check and message: training needs more than one value per channel."""
+    size = x.shape
+    m = size[0]
+    for n in size[2:]:
+        m *= n
+    if m == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def transformed(x: torch.Tensor) -> bool:
+    """Inside a ``torch.func`` transform (vmap, grad, jacrev, jvp) or a forward-mode AD
+    dual level: only engines written in torch operations can run."""
+    return torch._C._are_functorch_transforms_active() or _fwad._current_level >= 0
+
+
+# --- the choice -------------------------------------------------------------------------------
+
+
+def _on(rule: Rule, x: torch.Tensor, forced: bool) -> bool:
+    if x.device.type in rule.devices:
+        return rule.engine != "triton" or x.device.type == "cuda"
+    # forced Triton also runs CPU tensors in the interpreter
+    return forced and rule.engine == "triton" and x.device.type == "cpu" and \
+        kernels.triton_interpreted()
+
+
+def _names(dtypes) -> str:
+    """"float32, float16 or bfloat16"."""
+    names = [str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _refusal(rule: Rule, x: torch.Tensor, params, forced: bool) -> str | None:
+    """Why ``rule``'s engine does not take this call (None: it does)."""
+    if not _on(rule, x, forced):
+        where = "CUDA tensors (CPU ones with TRITON_INTERPRET=1)" if rule.engine == "triton" \
+            else f"{' and '.join(rule.devices)} tensors"
+        return f"runs on {where}, got a tensor on {x.device}"
+    if x.dtype not in rule.dtypes:
+        return f"takes {_names(rule.dtypes)} input, got {_names([x.dtype])}"
+    if rule.param_dtypes == "any":
+        return None
+    dtypes = (x.dtype,) if rule.param_dtypes == "x" else (x.dtype, torch.float32)
+    C = x.shape[1]
+    for name, t in zip(("running_mean", "running_var", "weight", "bias"), params):
+        if t is None:
+            continue
+        if t.shape != (C,) or t.dtype not in dtypes or t.device != x.device:
+            return (f"takes {name} as a ({C},) {_names(dtypes)} tensor on {x.device} for "
+                    f"input of {C} channels, got {tuple(t.shape)} {_names([t.dtype])} on "
+                    f"{t.device}")
+    return None
+
+
+def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
+           mask: torch.Tensor | None = None, update: bool = False) -> str:
+    """The engine for a call on ``x`` with ``params`` = (running_mean, running_var, weight,
+    bias) as they are passed (None where not used); ``update``: the call updates running
+    statistics.
+
+    ``auto``: the reference with ``mask`` or under transforms (there, torch's kernel if
+    running statistics are updated: a transform cannot mutate buffers, and torch raises
+    its own error for it); else the first rule of
+    :data:`RULES` that takes the input and whose package imports, torch's kernel for
+    anything else (so the error for an input torch rejects is torch's own). A forced
+    backend returns itself or raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    special = ("mask=" if mask is not None else
+               "torch.func transforms or forward-mode AD" if transformed(x) else None)
+    if backend == "auto":
+        if special:
+            return "native" if update and mask is None else "reference"
+        if x.dim() < 2 or x.numel() == 0:
+            return "native"
+        for rule in RULES[:2]:
+            if _refusal(rule, x, params, False) is None:
+                if available(rule.engine):
+                    return rule.engine
+                _warn_missing(rule.engine)
+        return "native"
+    rule = RULE[backend]
+    if special and not (rule.mask if mask is not None else rule.transforms):
+        raise ValueError(f'backend="{backend}" cannot run {special}: its kernels are not '
+                         'torch operations; use backend="auto" or "reference"')
+    if backend in ("reference", "native"):
+        return backend
+    if x.dim() < 2 or x.numel() == 0:
+        raise ValueError(f'backend="{backend}" takes (N, C, ...) input with at least one '
+                         f'element, got shape {tuple(x.shape)}')
+    why = _refusal(rule, x, params, True)
+    if why is not None:
+        kind = ValueError if why.startswith("runs on") else TypeError
+        raise kind(f'backend="{backend}" {why}')
+    _require(backend)
+    return backend
+
+
+def _warn_missing(engine: str) -> None:
+    if engine == "numba":
+        kernels._warn_once("numba", kernels.missing_numba_message())
+
+
+# --- the running-statistics bookkeeping (every path) -----------------------------------------
+
+
+def momentum_of(momentum: float | None, num_batches_tracked: torch.Tensor | None) -> float:
+    """The weight of this batch: ``momentum``, or with ``momentum=None`` the cumulative
+    average ``1 / (num_batches_tracked + 1)`` (torch's modules; the count read on the host),
+    or 0.0 without a count (torch's value)."""
+    if momentum is not None:
+        return float(momentum)
+    if num_batches_tracked is None:
+        return 0.0
+    return 1.0 / (float(num_batches_tracked) + 1.0)
+
+
+def update_running(running_mean, running_var, num_batches_tracked, mean, var, count,
+                   momentum: float | None, extra=()) -> None:
+    """In place, for every path and module: ``running = (1 - w) * running + w * batch``
+    with w = :func:`momentum_of`, the batch's unbiased ``var * count / (count - 1)`` into
+    ``running_var``, ``num_batches_tracked += 1``, and each ``(buffer, value, w)`` of
+    ``extra`` (batch renormalization's averages) likewise, all under one guard
+    (:func:`commit`): if any new value is not finite, no buffer changes.
+
+    ``mean``/``var``: (C,) batch mean and biased var of any float dtype and device;
+    ``count``: values per channel (int or 0-d tensor). Any buffer may be None.
+    """
+    w = momentum_of(momentum, num_batches_tracked)
+    with torch.no_grad():
+        pairs = [(running_mean, mean, w), (running_var, var * (count / (count - 1)), w),
+                 *extra]
+        commit([(buf, None if buf is None else buf * (1.0 - weight)
+                 + new.detach().to(buf.device, buf.dtype) * weight)
+                for buf, new, weight in pairs],
+               num_batches_tracked)
+
+
+def commit(pairs, num_batches_tracked=None) -> None:
+    """The guard, once for every path: each ``(buffer, new)`` of ``pairs`` is copied in
+    place and ``num_batches_tracked`` counts one more, if every ``new`` is finite; else
+    nothing changes. Decided on the device (no host sync on CUDA); None entries are
+    skipped."""
+    pairs = [(b, n) for b, n in pairs if b is not None]
+    with torch.no_grad():
+        if all(b.device.type == "cpu" for b, _ in pairs):
+            if all(bool(torch.isfinite(n).all()) for _, n in pairs):
+                for b, n in pairs:
+                    b.copy_(n)
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+            return
+        ok = torch.stack([torch.isfinite(n).all() for _, n in pairs]).all()
+        for b, n in pairs:
+            b.copy_(torch.where(ok, n, b))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(ok.to(num_batches_tracked.dtype))
