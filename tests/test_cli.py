@@ -96,3 +96,37 @@ def test_steps_numbers_are_the_batch_statistics():
     z = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
     np.testing.assert_allclose(r["y"], 2.0 * z + 0.5, rtol=1e-12, atol=1e-12)
     assert r["ok"] and r["max_abs_diff"] <= r["tolerance"] < 1e-5
+
+
+def test_errors_are_one_line_unless_the_traceback_is_asked_for(capsys, monkeypatch):
+    assert cli.main(["bench", "--device", "cuda", "--repeats", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repeats applies to the CPU bench only" in err
+    assert "--debug or BNLAB_DEBUG=1" in err
+    with pytest.raises(ValueError, match="--repeats applies to the CPU bench only"):
+        cli.main(["--debug", "bench", "--device", "cuda", "--repeats", "3"])
+    monkeypatch.setenv("BNLAB_DEBUG", "1")
+    with pytest.raises(ValueError, match="--no-cnn applies to the CPU bench only"):
+        cli.main(["bench", "--device", "cuda", "--no-cnn"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repeats", "5"], "--repeats applies to the CPU bench only"),
+    (["--no-cnn"], "--no-cnn applies to the CPU bench only"),
+    (["--dtypes", "float64"], "no GPU case in float64"),
+])
+def test_gpu_bench_refuses_what_it_would_ignore(args, message, capsys):
+    """bnlab bench --device cuda used to ignore --dtypes, --repeats and --no-cnn."""
+    assert cli.main(["bench", "--device", "cuda", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_bench_takes_dtypes(monkeypatch, capsys):
+    from bnlab import bench_gpu
+
+    seen = {}
+    monkeypatch.setattr(bench_gpu, "run", lambda device, cases, progress: seen.update(
+        cases=cases) or {"rows": []})
+    monkeypatch.setattr(bench_gpu, "format_table", lambda result: "table")
+    assert cli.main(["bench", "--device", "cuda", "--dtypes", "bfloat16", "float16"]) == 0
+    assert {c.dtype for c in seen["cases"]} == {"bfloat16", "float16"}

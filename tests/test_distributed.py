@@ -2,8 +2,10 @@
 spawned by the tests, every wait bounded."""
 
 import os
+import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -196,6 +198,33 @@ def test_mismatched_ranks_are_an_error_naming_the_rank(what, message):
         distributed.launch(_mismatch_worker, 2, args=(what,), deadline=DEADLINE)
 
 
+def _later_mismatch_worker(rank, world, what, out_dir):
+    """The first step agrees; at the second, rank 1 sends another input rank or dtype.
+    Every rank records the error it gets."""
+    bn = bt.SyncBatchNorm(3)
+    bn(torch.randn(4, 3, 2, 2))
+    x = torch.randn(4, 3, 2, 2)
+    if rank == 1:
+        x = x.flatten(2) if what == "rank" else x.double()
+    try:
+        bn(x)
+    except ValueError as e:
+        (Path(out_dir) / f"{rank}.txt").write_text(str(e))
+
+
+@pytest.mark.parametrize("what,message", [
+    ("rank", r"rank 1: 3-D input, 3 channels, float32 \(ranks \[1\] differ"),
+    ("dtype", r"rank 1: 4-D input, 3 channels, float64 \(ranks \[1\] differ")],
+    ids=["rank", "dtype"])
+def test_a_rank_that_changes_later_is_an_error_on_every_rank(tmp_path, what, message):
+    """Checked at every call, not only at a rank's own change (which left the other ranks in
+    a different collective: a hang or garbage)."""
+    distributed.launch(_later_mismatch_worker, 2, args=(what, str(tmp_path)),
+                       deadline=DEADLINE)
+    for rank in range(2):
+        assert re.search(message, (tmp_path / f"{rank}.txt").read_text())
+
+
 def _dying_worker(rank, world):
     bn = bt.SyncBatchNorm(3)
     for step in range(1000):
@@ -240,7 +269,6 @@ def test_convert_sync_and_revert():
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 TRAIN = ["train", "--engine", "torch", "--dataset", "digits", "--batch-size", "33", "--steps",
          "24", "--eval-every", "12", "--no-progress"]

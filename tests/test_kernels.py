@@ -161,9 +161,21 @@ def test_without_numba_everything_takes_the_reference():
             F.batch_norm_forward(x, None, None, backend="numba")
         except ImportError as e:
             print(e)
+        # bnlab.torch: torch's kernel in its place, with bnlab's guard
+        import torch
+        import bnlab.torch as bt
+        bn = bt.BatchNorm2d(3)
+        bad = torch.from_numpy(x).clone()
+        bad[0, 0, 0, 0] = float("nan")
+        bn(bad)
+        assert int(bn.num_batches_tracked) == 0 and torch.isfinite(bn.running_mean).all()
+        bn(torch.from_numpy(x))
     """)
     assert r.returncode == 0, r.stderr
     assert 'backend="numba" needs numba, which failed to import' in r.stdout
+    # said once, with what it costs, however many calls
+    assert r.stderr.count("numba failed to import") == 1, r.stderr
+    assert "about 9x slower" in r.stderr and "pip install numba" in r.stderr
 
 
 def test_bnlab_num_threads_caps_every_kernel_call():

@@ -219,6 +219,12 @@ def test_gpu_bench_and_check_script_dry_run(tmp_path, monkeypatch, capsys):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["all_ok"] and len(report["checks"]) == 1
     assert report["skipped"] == ["distributed", "3x2x4x4 float32 contiguous"]
+    assert report["over_budget"] == []
+    # a case not run for lack of time is not a pass
+    assert gpu_check["main"](["--device", "cpu", "--out", str(tmp_path / "b"), "--rep-ms", "1",
+                              "--skip-distributed", "--budget", "0"]) == 1
+    report = json.loads((tmp_path / "b" / "gpu_check.json").read_text())
+    assert not report["all_ok"] and report["over_budget"] == [SMALL[0].name]
     bench = json.loads((tmp_path / "bench-gpu.json").read_text())
     (row,) = bench["rows"]
     assert row["case"] == "6x5x7x9 float16 NHWC"

@@ -190,6 +190,26 @@ def test_fold_batchnorm_torch_with_residual_blocks():
     close(folded.get_submodule("3.0.conv1").bias.detach(), want.bias.detach(), 1e-12)
 
 
+def test_fold_batchnorm_leaves_a_layer_called_twice():
+    """A convolution applied twice feeds two BNs: folding either into its shared weights
+    would change the other use (it used to be folded twice)."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 1)
+            self.bn1, self.bn2 = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn1(self.conv(x)) + self.bn2(self.conv(x * 2))
+
+    model = trained(Twice().double(), batches(3, (4, 2, 5, 5)))
+    folded = bt.fold_batchnorm(model)
+    x = torch.randn(3, 2, 5, 5, dtype=D)
+    close(folded(x).detach(), model(x).detach(), 1e-12)
+    with pytest.raises(ValueError, match="bn1"):
+        bt.fold_batchnorm(model, strict=True)
+
+
 def test_fold_batchnorm_leaves_or_names_a_bn_after_anything_else():
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.ReLU(),
                                 torch.nn.BatchNorm2d(3)).double()
@@ -306,7 +326,34 @@ def test_mask_errors():
         bn(x, mask=np.zeros((4, 5), bool))
     with pytest.raises(ValueError, match="no True entry"):
         bt.BatchNorm1d(3)(torch.zeros(4, 3, 5), mask=torch.zeros(4, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        bt.BatchNorm1d(3)(torch.zeros(4, 3, 5), mask=torch.ones(4, 5))
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_torch_mask_ignores_nan_in_padding_and_keeps_the_dtype(dtype):
+    """Padding may hold anything (NaN included): only True positions reach the statistics,
+    on the reference engine, in the input's dtype; a NaN at a counted position gives NaN
+    output and leaves the buffers as they were, as on the other paths."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 5, generator=g, dtype=torch.float64)
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    mask[:, 3:] = False
+    padded = x.clone()
+    padded[:, :, 3:] = float("nan")
+    bn = bt.BatchNorm1d(3, momentum=1.0, dtype=dtype if dtype != torch.bfloat16 else None)
+    y = bn(padded.to(dtype), mask=mask)
+    assert y.dtype == dtype
+    kept = x[:, :, :3]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    want = (kept - kept.mean((0, 2), keepdim=True)) / torch.sqrt(
+        kept.var((0, 2), correction=0, keepdim=True) + 1e-5)
+    close(y[:, :, :3].double(), want, tol)
+    close(bn.running_var.double(), kept.var((0, 2), correction=1), tol)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    padded[0, 0, 0] = float("nan")  # now at a counted position
+    assert torch.isnan(bn(padded.to(dtype), mask=mask)[:, 0]).all()
+    assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
 
 def test_batch_renorm_evaluates_with_the_running_statistics_and_checks_limits():
     g = np.random.default_rng(2)

@@ -27,7 +27,7 @@ TARGETS = [
     ("inference <= 1.3 copy-times, float64, 4-D", "4-D", "float64", "infer/fused", 1.3),
     ("inference <= 1.3 copy-times, (256, 4096)", "NC 256x4096", None, "infer/fused", 1.3),
     ("(256, 4096) f32 train <= PyTorch", "NC 256x4096", "float32", "train_fused_vs_torch", 1.0),
-    # bnlab.torch modules against torch.nn's, same tensors (issue 9; runs 6 and later)
+    # bnlab.torch modules against torch.nn's, same tensors (runs 6 and later)
     ("bnlab.torch f32 train <= 0.7 x torch.nn, NCHW", "NCHW 64x64x32x32", "float32",
      "train_bnlab_torch_vs_torch", 0.7),
     ("bnlab.torch f32 train <= 0.9 x torch.nn, channels_last", "NCHW 64x64x32x32", "float32",

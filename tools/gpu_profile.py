@@ -1,5 +1,5 @@
 """Where a training step's time goes on the GPU: host against device, kernel by kernel,
-and the launch geometry's effect on the kernels (issue 10's diagnostics).
+and the launch geometry's effect on the kernels.
 
     PYTHONPATH=src python tools/gpu_profile.py --out "$OUT"
 

@@ -9,6 +9,7 @@ root (it takes a few minutes: one plant recompiles a numba kernel):
 """
 
 import pathlib
+import shlex
 import subprocess
 import sys
 
@@ -37,7 +38,8 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "yr[c] = _act((xr[c] - mu_[c]) * a_[c], relu)",
      "tests/test_properties.py"),
     ("no fallback when numba fails to import", f"{K}/__init__.py",
-     "if isinstance(mod, ImportError) or (dtype", "if (dtype",
+     '_warn_once("numba", missing_numba_message())\n                return None\n',
+     '_warn_once("numba", missing_numba_message())\n',
      "tests/test_kernels.py -k without_numba"),
     ("BNLAB_NUM_THREADS ignored", f"{K}/numba_bn.py",
      "max_threads: int | None = _threads_from_env()", "max_threads: int | None = None",
@@ -51,8 +53,9 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
     ("bench: ratios to torch inverted", "src/bnlab/bench.py",
      'med[f"{op}/{ours}"] / med[f"{op}/{theirs}"]', 'med[f"{op}/{theirs}"] / med[f"{op}/{ours}"]',
      "tests/test_bench.py"),
-    ("bnlab.torch: NaN batch updates the running statistics", "src/bnlab/torch/_ops.py",
-     "    if not (np.isfinite(mean).all() and np.isfinite(var).all()):\n        return\n", "",
+    ("bnlab.torch: NaN batch updates the running statistics", "src/bnlab/torch/engine.py",
+     "            if all(bool(torch.isfinite(n).all()) for _, n in pairs):",
+     "            if True:",
      "tests/test_torch.py -k nonfinite"),
     ("bnlab.torch: torch's thread count ignored", "src/bnlab/torch/_ops.py",
      "Threads(cap=torch.get_num_threads(),", "Threads(cap=None,",
@@ -65,17 +68,77 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "y = ((x - hi3) - lo3) * scale3 + beta3", "y = (x - (hi3 + lo3)) * scale3 + beta3",
      "tests/test_triton.py -k reference"),
     ("triton: only the first chunk of parts added", "src/bnlab/kernels/triton_bn.py",
-     "for p0 in range(0, P, PB):", "for p0 in range(0, PB, PB):",
+     "    s2 = tl.zeros(cc.shape, dtype=tl.float32)\n    for p0 in range(0, P, PB):",
+     "    s2 = tl.zeros(cc.shape, dtype=tl.float32)\n    for p0 in range(0, PB, PB):",
      "tests/test_triton.py -k split"),
+    ("triton: only the first chunk of statistics parts merged", "src/bnlab/kernels/triton_bn.py",
+     "    m2 = tl.zeros(cc.shape, dtype=tl.float32)\n    for p0 in range(0, P, PB):",
+     "    m2 = tl.zeros(cc.shape, dtype=tl.float32)\n    for p0 in range(0, PB, PB):",
+     "tests/test_triton.py -k split"),
+    ("triton: Chan's merge without the between-parts term", "src/bnlab/kernels/triton_bn.py",
+     "return n, mu_a + delta * w, m2_a + m2_b + delta * delta * n_a * w",
+     "return n, mu_a + delta * w, m2_a + m2_b",
+     "tests/test_accuracy_engines.py -k merges_parts"),
+    ("triton: strided (C,) vectors read as contiguous", "src/bnlab/kernels/triton_bn.py",
+     "return t if t is None or t.is_contiguous() else t.contiguous()", "return t",
+     "tests/test_accuracy_engines.py -k strided"),
+    ("triton: a strided running buffer's update not written back",
+     "src/bnlab/kernels/triton_bn.py", "            buf.copy_(k)\n", "            pass\n",
+     "tests/test_accuracy_engines.py -k strided"),
+    ("engine: a forced backend hands the call to torch", "src/bnlab/torch/engine.py",
+     "        raise kind(f'backend=\"{backend}\" {why}')", '        return "native"',
+     "tests/test_engine_matrix.py -k forced"),
+    ("engine: auto skips bnlab's kernels", "src/bnlab/torch/engine.py",
+     "        for rule in RULES[:2]:", "        for rule in RULES[:0]:",
+     "tests/test_engine_matrix.py -k BatchNorm2d-auto-f32"),
+    ("engine: kernels run under torch.func transforms", "src/bnlab/torch/engine.py",
+     '            return "native" if update and mask is None else "reference"',
+     '            return "numba" if x.device.type == "cpu" else "triton"',
+     "tests/test_torch_derivatives.py -k transforms"),
+    ("engine: eps <= 0 accepted in training", "src/bnlab/torch/engine.py",
+     "    if training and not eps > 0:", "    if False:",
+     "tests/test_engine_matrix.py -k eps"),
+    ("double backward: the kernels' first derivative, detached", "src/bnlab/torch/_ops.py",
+     "    if graph_wanted(dy):", "    if False:",
+     "tests/test_torch_derivatives.py -k penalty"),
+    ("outputs in NumPy-owned storage", "src/bnlab/torch/_ops.py",
+     "    y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)\n",
+     "    y = torch.from_numpy(np.empty(x.shape, np.dtype(str(x.dtype)[6:]))).contiguous("
+     "memory_format=fmt)\n",
+     "tests/test_torch_derivatives.py -k ordinary"),
+    ("numba views made with .numpy() (storage no longer resizable)", "src/bnlab/torch/_ops.py",
+     "        return _view(t), 1\n", "        return t.numpy(), 1\n",
+     "tests/test_torch_derivatives.py -k ordinary"),
+    ("mask: NaN in padding reaches the statistics", "src/bnlab/torch/reference.py",
+     "    mean = torch.where(keep, xc, zero).sum(dims) / count",
+     "    mean = (xc * keep).sum(dims) / count",
+     "tests/test_variants.py -k padding"),
+    ("fold_batchnorm: a conv called twice folded twice", "src/bnlab/torch/variants.py",
+     "                and calls[prev.target] == 1 and calls[node.target] == 1\n", "",
+     "tests/test_variants.py -k twice"),
+    ("renorm: the renorm averages outside the guard", "src/bnlab/torch/variants.py",
+     "                              extra=((self.renorm_mean, mean, w),\n"
+     "                                     (self.renorm_std, torch.from_numpy(sigma_b), w)))",
+     "                              )\n        with torch.no_grad():\n"
+     "            self.renorm_mean.mul_(1 - w).add_(w * mean.to(self.renorm_mean))\n"
+     "            self.renorm_std.mul_(1 - w).add_(w * torch.from_numpy(sigma_b).to("
+     "self.renorm_std))",
+     "tests/test_engine_matrix.py -k BatchRenorm2d-auto-f32-contiguous"),
     ("triton: NaN batch updates the running statistics", "src/bnlab/kernels/triton_bn.py",
      "other=0)) == 0\n", "other=0)) >= 0\n", "tests/test_triton.py -k nonfinite"),
     ("sync BN: backward sums not all-reduced", "src/bnlab/torch/sync.py",
      "        dist.all_reduce(sums, group=ctx.group)\n", "",
      "tests/test_distributed.py -k whole_batch"),
     ("sync BN: running variance unbiased with the local count", "src/bnlab/torch/sync.py",
-     "engine.update(running_mean, running_var, nbt, mean, var, n, momentum)",
-     "engine.update(running_mean, running_var, nbt, mean, var, max(n_local, 2), momentum)",
+     "engine.update_running(running_mean, running_var, nbt, mean, var, n, momentum)",
+     "engine.update_running(running_mean, running_var, nbt, mean, var, max(n_local, 2), "
+     "momentum)",
      "tests/test_distributed.py -k whole_batch"),
+    ("sync BN: ranks compared only at a rank's first call", "src/bnlab/torch/sync.py",
+     "        _check_ranks(input, group)  # every call: any rank may change (module docstring)\n",
+     "        if not getattr(self, '_agreed', False):\n            _check_ranks(input, group)\n"
+     "            self._agreed = True\n",
+     "tests/test_distributed.py -k 'changes_later and not dtype'"),
     ("torch training: per-rank mean loss (DDP then averages unequal means)",
      "src/bnlab/experiments/torch_train.py", "(loss_sum * (world / B)).backward()",
      "(loss_sum / (hi - lo)).backward()", "tests/test_distributed.py -k nproc_2"),
@@ -138,7 +201,7 @@ def main(only=()) -> int:
         file.write_text(text.replace(good, bad))
         try:
             r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:warnings",
-                                *tests.split()], cwd=ROOT, capture_output=True, text=True)
+                                *shlex.split(tests)], cwd=ROOT, capture_output=True, text=True)
         finally:
             file.write_text(text)
         summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-200:]

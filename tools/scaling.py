@@ -2,9 +2,10 @@
 
     .venv/bin/python tools/scaling.py --json docs/scaling.json
 
-1. Computed, per training step: SyncBatchNorm's all-reduces (forward: count, sum and sum
-   of squares, 3 float64 per channel; backward: two sums, 2 float64 per channel; two
-   collectives per BN layer) next to DDP's gradient all-reduce (every parameter, float32,
+1. Computed, per training step: SyncBatchNorm's collectives (forward: the ranks' input
+   signatures, an all-gather of 3 int64, then count, sum and sum of squares, 3 float64 per
+   channel; backward: two sums, 2 float64 per channel; three collectives per BN layer) next
+   to DDP's gradient all-reduce (every parameter, float32,
    in 25 MiB buckets), for the seed CNN and for ResNet-50 (counted from its architecture).
 2. Measured on this machine: steps per second of the torch seed CNN (embedded digits,
    batch 64, SGD) in one process, and in N processes under DistributedDataParallel with
@@ -66,11 +67,11 @@ def seed_cnn_counts(channels=(8, 16)) -> dict:
 
 def traffic(counts: dict) -> dict:
     """Bytes each rank contributes per step, and collectives per step."""
-    sync_fwd = 3 * 8 * counts["bn_channels"]
+    sync_fwd = 3 * 8 * counts["bn_channels"] + 3 * 8 * counts["bn_layers"]  # + signatures
     sync_bwd = 2 * 8 * counts["bn_channels"]
     grads = 4 * counts["parameters"]
     return {**counts, "syncbn_forward_bytes": sync_fwd, "syncbn_backward_bytes": sync_bwd,
-            "syncbn_collectives": 2 * counts["bn_layers"], "ddp_gradient_bytes": grads,
+            "syncbn_collectives": 3 * counts["bn_layers"], "ddp_gradient_bytes": grads,
             "ddp_collectives": -(-grads // BUCKET_BYTES),
             "syncbn_share_of_bytes": (sync_fwd + sync_bwd) / (sync_fwd + sync_bwd + grads)}
 
@@ -149,10 +150,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--traffic-only", action="store_true",
+                   help="recompute the traffic into --json's file, keeping its measurements")
     args = p.parse_args(argv)
-    result = {"traffic": {"seed_cnn": traffic(seed_cnn_counts()),
-                          "resnet50": traffic(resnet50_counts())},
-              "measured": measure(args.nproc, args.rounds, args.steps, args.warmup)}
+    computed = {"seed_cnn": traffic(seed_cnn_counts()), "resnet50": traffic(resnet50_counts())}
+    if args.traffic_only:
+        if not args.json:
+            p.error("--traffic-only needs --json FILE (the measurements to keep)")
+        result = {**json.loads(Path(args.json).read_text()), "traffic": computed}
+    else:
+        result = {"traffic": computed,
+                  "measured": measure(args.nproc, args.rounds, args.steps, args.warmup)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

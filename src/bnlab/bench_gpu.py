@@ -53,7 +53,7 @@ CASES = [GpuCase((256, 64, 56, 56), "float32"),
 SMALL_CASES = [GpuCase((6, 5, 7, 9), "float32"), GpuCase((6, 5, 7, 9), "float16", "channels_last"),
                GpuCase((40, 24), "bfloat16")]  # for a CPU dry run in the interpreter
 
-# acceptance targets (issue 10): training at most 4.5 copy-times (6 for the L2-sized
+# the GPU targets: training at most 4.5 copy-times (6 for the L2-sized
 # 64x64x32x32), inference at most 1.15, never slower than torch
 TARGETS = {"train": 4.5, "train_l2": 6.0, "infer": 1.15}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -174,7 +175,18 @@ def _cmd_explain(args) -> int:
 def _cmd_bench_gpu(args) -> int:
     from . import bench_gpu
 
+    # the GPU bench times each candidate for a fixed time (triton.testing.do_bench) and has
+    # no seed-CNN step: CPU-only options are refused rather than ignored
+    for flag, given in (("--repeats", args.repeats is not None), ("--no-cnn", args.no_cnn)):
+        if given:
+            raise ValueError(f"{flag} applies to the CPU bench only; --device cuda times each "
+                             "candidate for 100 ms of device time and has no seed-CNN step")
     cases = bench_gpu.CASES
+    if args.dtypes:
+        cases = [c for c in cases if c.dtype in args.dtypes]
+        if not cases:
+            raise ValueError(f"no GPU case in {' '.join(args.dtypes)}; the GPU cases are "
+                             f"float32, float16 and bfloat16")
     if args.shapes:
         names = {c.name: c for c in cases}
         unknown = sorted(set(args.shapes) - set(names))
@@ -200,8 +212,12 @@ def _cmd_bench(args) -> int:
         if unknown:
             raise ValueError(f"unknown shape(s) {unknown}; choose from {list(bench.SHAPES)}")
         shapes = args.shapes
-    result = bench.run(shapes=shapes, dtypes=args.dtypes, repeats=args.repeats,
-                       cnn=not args.no_cnn, progress=not args.no_progress)
+    if args.dtypes and "bfloat16" in args.dtypes:
+        raise ValueError("bfloat16 is a GPU case only (--device cuda); the CPU bench takes "
+                         "float16, float32 and float64")
+    result = bench.run(shapes=shapes, dtypes=args.dtypes or ["float32", "float64"],
+                       repeats=args.repeats or 21, cnn=not args.no_cnn,
+                       progress=not args.no_progress)
     print(bench.format_table(result))
     if args.json:
         bench.write_json(result, args.json)
@@ -212,6 +228,8 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnlab", description="Batch normalization done properly (Ioffe & Szegedy 2015).")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error (also BNLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("steps", help="BN's four steps worked on a real mini-batch of digits",
@@ -360,10 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", nargs="+", metavar="SHAPE",
                    help='which cases, e.g. "NC 256x4096" (default: all four; with --device '
                         'cuda e.g. "256x64x56x56 float32 NCHW", default all seven)')
-    p.add_argument("--dtypes", nargs="+", choices=["float16", "float32", "float64"],
-                   default=["float32", "float64"], help="default float32 float64")
-    p.add_argument("--repeats", type=_positive_int, default=21,
-                   help="interleaved rounds per case; medians are reported (default 21)")
+    p.add_argument("--dtypes", nargs="+", choices=["float16", "bfloat16", "float32", "float64"],
+                   help="default float32 float64 (CPU), every GPU case's dtype (cuda)")
+    p.add_argument("--repeats", type=_positive_int,
+                   help="interleaved rounds per case; medians are reported (default 21; CPU "
+                        "only)")
     p.add_argument("--no-cnn", action="store_true", help="skip the seed CNN training step")
     p.add_argument("--json", metavar="FILE", help="also write every median to FILE")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -432,8 +451,12 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        # bnlab's own errors say what was expected and what came; show them without a traceback
-        print(f"bnlab {args.command}: error: {e}", file=sys.stderr)
+        # bnlab's own errors say what was expected and what came: one line, unless the
+        # traceback is asked for (--debug or BNLAB_DEBUG=1)
+        if args.debug or os.environ.get("BNLAB_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"bnlab {args.command}: error: {e} (--debug or BNLAB_DEBUG=1 shows the "
+              f"traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: workers (if any) were stopped on the way out
         print(f"bnlab {args.command}: interrupted", file=sys.stderr)

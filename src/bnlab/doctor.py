@@ -2,9 +2,9 @@
 
 :func:`bnlab.torch.doctor` and :func:`bnlab.nn.doctor` describe each BN layer of a model as
 a :class:`Layer` (NumPy arrays, no framework) and hand the descriptions to
-:func:`static_findings`. Each rule returns :class:`Finding` s with a code from the contract
-("Doctor" in shared/DESIGN.md), the layer's qualified name, a one-line message, the
-evidence as numbers and the fix.
+:func:`static_findings`. Each rule returns :class:`Finding` s with a code (each has its
+section in docs/doctor.md), the layer's qualified name, a one-line message, the evidence as numbers
+and the fix.
 
 Static rules (parameters, buffers and flags only):
 

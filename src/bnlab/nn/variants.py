@@ -2,8 +2,7 @@
 
 Bookkeeping around :mod:`bnlab.functional` (the math: ``ghost_batch_norm_forward``,
 ``batch_norm_inference``, ``fold_batchnorm_params``), as :mod:`bnlab.nn.batchnorm` is.
-The same names exist for torch models in :mod:`bnlab.torch` (contract: "Variants" in
-shared/DESIGN.md).
+The same names exist for torch models in :mod:`bnlab.torch`, with the same semantics.
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ This module has no ``from __future__ import annotations``: ``custom_op`` reads t
 from the annotations, and torch 2.4 needs them as real types.
 """
 
+import ctypes
+import sys
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -64,9 +66,24 @@ def _as_numpy(t: Tensor, fmt: torch.memory_format) -> tuple[np.ndarray, int]:
     """
     t = t.detach().contiguous(memory_format=fmt)
     if fmt == torch.contiguous_format:
-        return t.numpy(), 1
+        return _view(t), 1
     # (N, C, *spatial) in channels-last memory is (N, *spatial, C) in C order
-    return t.permute(0, *range(2, t.dim()), 1).numpy(), -1
+    return _view(t.permute(0, *range(2, t.dim()), 1)), -1
+
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _view(t: Tensor) -> np.ndarray:
+    """A NumPy array over a C-contiguous tensor's memory, for the duration of a kernel call.
+
+    Not ``t.numpy()``: that marks the tensor's storage as not resizable for good, so a
+    user's input, parameter (FSDP frees them with ``resize_(0)``) or output would lose
+    ``resize_``."""
+    n = t.numel()
+    buf = (ctypes.c_char * (n * t.element_size())).from_address(t.data_ptr())
+    buf.owner = t  # the array (whose base is buf) keeps the tensor's memory alive
+    return np.frombuffer(buf, _NUMPY[t.dtype], n).reshape(t.shape)
 
 
 def _empty_like(x: Tensor) -> Tensor:
@@ -78,16 +95,54 @@ def _empty_like(x: Tensor) -> Tensor:
 def _output(x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, np.ndarray]:
     """An output like ``x`` in memory format ``fmt``, allocated by torch (an ordinary tensor:
     ``resize_``, ``share_memory_`` and every storage method work), and a NumPy view of it
-    laid out as :func:`_as_numpy` lays out ``x``, for the kernel to write into."""
+    laid out as :func:`_as_numpy` lays out ``x``, for the kernel to write into.
+
+    Large outputs are advised to use transparent huge pages (:func:`_huge_pages`)."""
     y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    _huge_pages(y)
     if fmt == torch.contiguous_format:
-        return y, y.numpy()
+        return y, _view(y)
     # channels-last memory: (N, *spatial, C) in C order
-    return y, y.permute(0, *range(2, y.dim()), 1).numpy()
+    return y, _view(y.permute(0, *range(2, y.dim()), 1))
+
+
+HUGE_PAGES_FROM = 4 << 20  # bytes: NumPy's threshold for the same advice
+
+
+def _madvise():
+    """libc's madvise, or None where there is none (then outputs take the kernel's default)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADVISE = _madvise() if sys.platform.startswith("linux") else None
+_MADV_HUGEPAGE = 14
+
+
+def _huge_pages(t: Tensor) -> None:
+    """Ask Linux for transparent huge pages under a fresh large output, as NumPy does for
+    its arrays: torch's CPU allocator hands a fresh 16 MiB output 4096 newly mapped 4 KiB
+    pages, each a page fault on first write (``madvise`` mode of THP, the usual default).
+    Measured by tools/output_alloc.py (docs/output_alloc.json)."""
+    n = t.numel() * t.element_size()
+    if _MADVISE is None or n < HUGE_PAGES_FROM:
+        return
+    start = (t.data_ptr() + _PAGE - 1) & ~(_PAGE - 1)
+    end = (t.data_ptr() + n) & ~(_PAGE - 1)
+    if end > start:
+        _MADVISE(start, end - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
+
+
+_PAGE = 4096
 
 
 def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else t.detach().contiguous().numpy()
+    return None if t is None else _view(t.detach().contiguous())
 
 
 def _numba():

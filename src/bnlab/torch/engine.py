@@ -183,6 +183,9 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "native" and x.dim() >= 2 and any(
+            t is not None and t.shape != x.shape[1:2] for t in params):
+        _torch_rejects(x, params)  # torch's error for (C,) vectors of another size
     special = ("mask=" if mask is not None else
                "torch.func transforms or forward-mode AD" if transformed(x) else None)
     if backend == "auto":
@@ -207,10 +210,18 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
                          f'element, got shape {tuple(x.shape)}')
     why = _refusal(rule, x, params, True)
     if why is not None:
+        _torch_rejects(x, params)  # torch's own error for what torch rejects too
         kind = ValueError if why.startswith("runs on") else TypeError
         raise kind(f'backend="{backend}" {why}')
     _require(backend)
     return backend
+
+
+def _torch_rejects(x: torch.Tensor, params) -> None:
+    """Raise torch's own error if torch's batch norm rejects these shapes (checked on meta
+    tensors: nothing is computed and nothing is handed to torch's kernel)."""
+    rm, rv, w, b = (None if t is None else t.to("meta") for t in params)
+    torch.batch_norm(x.to("meta"), w, b, rm, rv, rm is None, 0.1, 1e-5, False)
 
 
 def _warn_missing(engine: str) -> None:

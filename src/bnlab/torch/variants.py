@@ -2,7 +2,7 @@
 
 Bookkeeping and dispatch around bnlab's kernels (:mod:`bnlab.torch._ops`) and formulas
 (:func:`bnlab.functional.fold_batchnorm_params`). The same names exist for bnlab models in
-:mod:`bnlab.nn` (contract: "Variants" in shared/DESIGN.md).
+:mod:`bnlab.nn`, with the same semantics.
 """
 
 
@@ -134,7 +134,7 @@ class _Renorm(PythonOnly):
 
         weight = 1.0 if self.weight is None else self.weight.reshape(shape)
         bias = 0.0 if self.bias is None else self.bias.reshape(shape)
-        y = x_hat * (weight * channel(r)) + (weight * channel(d) + bias)
+        y = (x_hat * (weight * channel(r)) + (weight * channel(d) + bias)).to(input.dtype)
         # the renorm averages under the running statistics' guard: a NaN batch changes none
         w = self.renorm_momentum
         engine.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
