@@ -3,6 +3,8 @@ and a gradient penalty against torch's values), torch.func's vmap, jacrev and jv
 forward-mode AD and gradcheck's batched gradients on bnlab modules, in train and eval mode;
 and the other ways a user treats torch tensors and modules (storage methods, TorchScript)."""
 
+import sys
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -151,6 +153,56 @@ def test_outputs_are_ordinary_torch_tensors():
             x.detach().resize_(x.numel() + 1)
             for p in (bn.weight, bn.bias):
                 p.untyped_storage().resize_(0)
+
+
+def test_large_outputs_are_huge_page_aligned_ordinary_tensors():
+    """Outputs of 4 MiB and more start on a 2 MiB boundary of their storage: not views (so an
+    in-place op after BN works as after torch's), right values, resizable."""
+    x = torch.randn(16, 64, 32, 32, requires_grad=True)  # 4 MiB of float32
+    ours, theirs = bt.BatchNorm2d(64), torch.nn.BatchNorm2d(64)
+    y = ours(x)
+    assert y._base is None and y.is_contiguous()
+    if sys.platform.startswith("linux"):
+        assert y.data_ptr() % (2 << 20) == 0
+    torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+    torch.relu_(y).sum().backward()  # in place after BN, as ReLU(inplace=True) does
+    y.detach().resize_(y.numel() + 1)
+
+
+def test_large_output_memory_is_reused_only_once_nothing_holds_it():
+    """bnlab.torch._ops._Outputs: while an output, a view of it, its storage object or an
+    autograd graph that saved it is alive, its memory is never handed out again; once
+    nothing holds it, the next output reuses it (no fresh, kernel-zeroed pages)."""
+    from bnlab.torch import _ops
+
+    _ops.OUTPUTS.clear()
+    bn = bt.BatchNorm2d(64).eval()
+    x = torch.randn(16, 64, 32, 32)  # 4 MiB of float32
+    with torch.no_grad():
+        ptr = bn(x).data_ptr()  # dropped at once
+        assert bn(x).data_ptr() == ptr  # reused
+        for hold in (lambda y: y, lambda y: y[1:], lambda y: y.untyped_storage()):
+            y = bn(x)
+            want, ptr = y.clone(), y.data_ptr()
+            kept = hold(y)
+            del y
+            others = [bn(x * (k + 2)) for k in range(3)]
+            assert all(o.data_ptr() != ptr for o in others)
+            if isinstance(kept, torch.Tensor):
+                assert torch.equal(kept, want[-kept.shape[0]:])
+            del kept, others
+    bn.train()
+    ref = torch.nn.BatchNorm2d(64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    y = bn(xs[0])
+    ptr = y.data_ptr()
+    loss = (y * y).sum()  # the product saves y
+    del y
+    others = [bn(xs[0]) for _ in range(3)]
+    assert all(o.data_ptr() != ptr for o in others)
+    loss.backward()
+    (ref(xs[1]) ** 2).sum().backward()
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
 
 
 def test_torch_jit_script_models_holding_bnlab_bn():

@@ -356,20 +356,29 @@ def test_torch_mask_ignores_nan_in_padding_and_keeps_the_dtype(dtype):
     assert all(torch.equal(v, before[k]) for k, v in bn.state_dict().items())
 
 def test_batch_renorm_evaluates_with_the_running_statistics_and_checks_limits():
+    """The renorm averages against their definition (a running average of the batch mean and
+    sigma_B = sqrt(var_B + eps), Keras 2's, momentum 0.01 here) computed in the test, and
+    evaluation against torch's batch norm with the same running statistics."""
     g = np.random.default_rng(2)
     ours = nn.BatchRenorm2d(3, dtype=np.float64, rmax=1.5, dmax=0.5)
     theirs = bt.BatchRenorm2d(3, dtype=D, rmax=1.5, dmax=0.5)
+    mu, sigma = np.zeros(3), np.ones(3)
     for _ in range(3):
         x = 2 + 3 * g.standard_normal((6, 3, 2, 2))
         ours(x)
         theirs(torch.tensor(x))
-    close(ours.renorm_std, theirs.renorm_std, 1e-12)
+        mu = 0.99 * mu + 0.01 * x.mean((0, 2, 3))
+        sigma = 0.99 * sigma + 0.01 * np.sqrt(x.var((0, 2, 3)) + 1e-5)
+    for m in (ours, theirs):
+        close(m.renorm_mean, mu, 1e-12)
+        close(m.renorm_std, sigma, 1e-12)
     ours.eval()
     theirs.eval()
     x = g.standard_normal((2, 3, 2, 2))
-    want, _ = F.batch_norm_inference(x, ours.running_mean, ours.running_var, None, None, 1e-5)
-    close(ours(x), want, 1e-12)
-    close(theirs(torch.tensor(x)), want, 1e-12)
+    for m in (ours, theirs):
+        want = torch.nn.functional.batch_norm(torch.tensor(x), _t(m.running_mean),
+                                              _t(m.running_var), None, None, False, eps=1e-5)
+        close(m(x) if m is ours else m(torch.tensor(x)), want, 1e-12)
     ours.rmax = 2.0  # a schedule may raise the limits
     with pytest.raises(ValueError, match="rmax must be >= 1 and dmax >= 0"):
         bt.BatchRenorm1d(3, rmax=0.5)

@@ -1,7 +1,9 @@
-"""Output allocation in bnlab.torch, measured: torch-allocated outputs with the huge-page
-advice (what bnlab.torch does, so every storage method works), the same without the advice,
-and NumPy-allocated ones (what it did before), one BatchNorm2d training step (forward + backward) of a float32 64x64x32x32
-tensor on the numba engine, interleaved in random order, fastest and median of each.
+"""Output allocation in bnlab.torch, measured: bnlab's (torch-allocated storages, reused
+once freed: bnlab.torch._ops._Outputs), a fresh torch.empty per output, and NumPy-allocated
+outputs (what bnlab.torch had before its outputs were ordinary tensors). One BatchNorm2d
+training step (forward + backward) of a float32 64x64x32x32 tensor on the numba engine,
+the three interleaved in random order: fastest and median of each, and the page faults a
+step takes (minor faults of the process).
 
     .venv/bin/python tools/output_alloc.py [--rounds 41] [--json docs/output_alloc.json]
 """
@@ -9,6 +11,7 @@ tensor on the numba engine, interleaved in random order, fastest and median of e
 import argparse
 import json
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,12 +27,10 @@ _TORCH = _ops._output
 
 
 def _plain_torch_output(x, fmt):
-    """torch-allocated without the huge-page advice."""
-    saved, _ops._MADVISE = _ops._MADVISE, None
-    try:
-        return _TORCH(x, fmt)
-    finally:
-        _ops._MADVISE = saved
+    """A fresh torch.empty each call, laid out as _ops._output's."""
+    y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
+    return y, _ops._view(y if fmt == torch.contiguous_format else
+                         y.permute(0, *range(2, y.dim()), 1))
 
 
 def _numpy_output(x, fmt):
@@ -54,20 +55,24 @@ def main(argv=None) -> int:
         x = torch.randn(64, 64, 32, 32).contiguous(memory_format=fmt).requires_grad_()
         dy = torch.randn(64, 64, 32, 32).contiguous(memory_format=fmt)
         bn = bt.BatchNorm2d(64)
-        times = {"torch": [], "torch without advice": [], "numpy": []}
-        impl = {"torch": _TORCH, "torch without advice": _plain_torch_output,
+        times = {"torch": [], "torch.empty": [], "numpy": []}
+        faults = dict.fromkeys(times, 0)
+        impl = {"torch": _TORCH, "torch.empty": _plain_torch_output,
                 "numpy": _numpy_output}
         for _ in range(args.rounds):
             for name in random.sample(list(times), len(times)):
                 _ops._output = impl[name]
                 x.grad = None
+                f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 t = time.perf_counter()
                 bn(x).backward(dy)
                 times[name].append(time.perf_counter() - t)
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
         _ops._output = _TORCH
-        rows[layout] = {k: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * float(np.median(v))}
+        rows[layout] = {k: {"min_ms": 1e3 * min(v), "median_ms": 1e3 * float(np.median(v)),
+                            "page_faults_per_step": faults[k] / len(v)}
                         for k, v in times.items()}
-        for name in ("torch", "torch without advice"):
+        for name in ("torch", "torch.empty"):
             rows[layout][f"{name} / numpy, min"] = min(times[name]) / min(times["numpy"])
             rows[layout][f"{name} / numpy, median"] = float(np.median(times[name]) /
                                                              np.median(times["numpy"]))

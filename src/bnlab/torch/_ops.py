@@ -41,7 +41,9 @@ from the annotations, and torch 2.4 needs them as real types.
 """
 
 import ctypes
+import math
 import sys
+import threading
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -80,10 +82,9 @@ def _view(t: Tensor) -> np.ndarray:
     Not ``t.numpy()``: that marks the tensor's storage as not resizable for good, so a
     user's input, parameter (FSDP frees them with ``resize_(0)``) or output would lose
     ``resize_``."""
-    n = t.numel()
-    buf = (ctypes.c_char * (n * t.element_size())).from_address(t.data_ptr())
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
     buf.owner = t  # the array (whose base is buf) keeps the tensor's memory alive
-    return np.frombuffer(buf, _NUMPY[t.dtype], n).reshape(t.shape)
+    return np.ndarray(t.shape, _NUMPY[t.dtype], buf)
 
 
 def _empty_like(x: Tensor) -> Tensor:
@@ -97,16 +98,72 @@ def _output(x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, np.ndarray]:
     ``resize_``, ``share_memory_`` and every storage method work), and a NumPy view of it
     laid out as :func:`_as_numpy` lays out ``x``, for the kernel to write into.
 
-    Large outputs are advised to use transparent huge pages (:func:`_huge_pages`)."""
-    y = torch.empty(x.shape, dtype=x.dtype, memory_format=fmt)
-    _huge_pages(y)
+    Large outputs reuse memory (:class:`_Outputs`)."""
+    y = OUTPUTS.empty(x.shape, x.dtype, fmt)
     if fmt == torch.contiguous_format:
         return y, _view(y)
     # channels-last memory: (N, *spatial, C) in C order
     return y, _view(y.permute(0, *range(2, y.dim()), 1))
 
 
-HUGE_PAGES_FROM = 4 << 20  # bytes: NumPy's threshold for the same advice
+LARGE = 4 << 20  # bytes: outputs from here on come from _Outputs (NumPy's huge-page threshold)
+_HUGE = 2 << 20  # a transparent huge page
+
+
+class _Outputs:
+    """Memory for large outputs (``LARGE`` bytes and more), torch-allocated and reused.
+
+    Why: a fresh 16 MiB tensor from torch's CPU allocator is 4096 newly mapped 4 KiB pages,
+    each a page fault and a page the kernel zeroes on first write, at every call (torch
+    asks for 64-byte-aligned memory, and glibc serves each such request with a new mapping
+    where it reuses the heap for NumPy's plain ``malloc``). So the storages of large outputs
+    are kept (at most ``KEEP`` bytes of them, the most recent) and handed out again once
+    nothing else holds them (storage use count 1: no tensor, view, autograd graph or
+    storage object of the user's refers to it). New ones start on a 2 MiB boundary and are
+    advised to use transparent huge pages. An output is an ordinary tensor on such a
+    storage (``set_``, an offset into it; not a view). Measured by tools/output_alloc.py."""
+
+    KEEP = 256 << 20
+
+    def __init__(self):
+        self._kept: list[tuple[torch.UntypedStorage, int]] = []  # (storage, byte offset)
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
+        if math.prod(shape) * dtype.itemsize < LARGE:
+            return torch.empty(shape, dtype=dtype, memory_format=fmt)
+        layout = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)  # strides
+        n = layout.numel() * layout.element_size()
+        with self._lock:  # claim (use count 2) before another thread can
+            storage, offset = self._free(n) or self._new(n)
+            return torch.empty(0, dtype=dtype).set_(storage, offset // layout.element_size(),
+                                                    layout.shape, layout.stride())
+
+    def _free(self, n: int):
+        for i, (storage, offset) in enumerate(self._kept):
+            if storage.nbytes() == n + _HUGE and torch._C._storage_Use_Count(storage._cdata) == 1:
+                self._kept.append(self._kept.pop(i))  # most recently used last
+                return storage, offset
+        return None
+
+    def _new(self, n: int):
+        storage = torch.UntypedStorage(n + _HUGE)
+        start = (storage.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
+        if _MADVISE is not None:
+            _MADVISE(start, (storage.data_ptr() + n + _HUGE - start) & ~(_PAGE - 1),
+                     _MADV_HUGEPAGE)
+        self._kept.append((storage, start - storage.data_ptr()))
+        while sum(s.nbytes() for s, _ in self._kept) > self.KEEP and len(self._kept) > 1:
+            self._kept.pop(0)  # forget the oldest (still in use or not)
+        return self._kept[-1]
+
+    def clear(self) -> None:
+        """Forget every kept storage (their memory is freed once no output uses it)."""
+        with self._lock:
+            self._kept.clear()
+
+
+OUTPUTS = _Outputs()
 
 
 def _madvise():
@@ -122,22 +179,6 @@ def _madvise():
 
 _MADVISE = _madvise() if sys.platform.startswith("linux") else None
 _MADV_HUGEPAGE = 14
-
-
-def _huge_pages(t: Tensor) -> None:
-    """Ask Linux for transparent huge pages under a fresh large output, as NumPy does for
-    its arrays: torch's CPU allocator hands a fresh 16 MiB output 4096 newly mapped 4 KiB
-    pages, each a page fault on first write (``madvise`` mode of THP, the usual default).
-    Measured by tools/output_alloc.py (docs/output_alloc.json)."""
-    n = t.numel() * t.element_size()
-    if _MADVISE is None or n < HUGE_PAGES_FROM:
-        return
-    start = (t.data_ptr() + _PAGE - 1) & ~(_PAGE - 1)
-    end = (t.data_ptr() + n) & ~(_PAGE - 1)
-    if end > start:
-        _MADVISE(start, end - start, _MADV_HUGEPAGE)  # advice only: a failure changes nothing
-
-
 _PAGE = 4096
 
 

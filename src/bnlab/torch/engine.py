@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as _fwad
 
@@ -194,7 +195,7 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
         if x.dim() < 2 or x.numel() == 0:
             return "native"
         for rule in RULES[:2]:
-            if _refusal(rule, x, params, False) is None:
+            if x.device.type in rule.devices and _refusal(rule, x, params, False) is None:
                 if available(rule.engine):
                     return rule.engine
                 _warn_missing(rule.engine)
@@ -248,20 +249,39 @@ def update_running(running_mean, running_var, num_batches_tracked, mean, var, co
     """In place, for every path and module: ``running = (1 - w) * running + w * batch``
     with w = :func:`momentum_of`, the batch's unbiased ``var * count / (count - 1)`` into
     ``running_var``, ``num_batches_tracked += 1``, and each ``(buffer, value, w)`` of
-    ``extra`` (batch renormalization's averages) likewise, all under one guard
-    (:func:`commit`): if any new value is not finite, no buffer changes.
+    ``extra`` (batch renormalization's averages) likewise, all under one guard: if the
+    batch's mean, var or any extra value is not finite, no buffer changes.
 
     ``mean``/``var``: (C,) batch mean and biased var of any float dtype and device;
     ``count``: values per channel (int or 0-d tensor). Any buffer may be None.
     """
     w = momentum_of(momentum, num_batches_tracked)
     with torch.no_grad():
-        pairs = [(running_mean, mean, w), (running_var, var * (count / (count - 1)), w),
-                 *extra]
-        commit([(buf, None if buf is None else buf * (1.0 - weight)
-                 + new.detach().to(buf.device, buf.dtype) * weight)
-                for buf, new, weight in pairs],
-               num_batches_tracked)
+        # (buffer, batch value, weight of the value): the unbiased correction in the weight
+        if all(b is None or b.device.type == "cpu" for b in
+               (running_mean, running_var, *(b for b, _, _ in extra))):
+            unbias = float(count) / (float(count) - 1.0)
+            terms = [(b, v.detach().cpu(), ww, wv) for b, v, ww, wv in (
+                (running_mean, mean, w, w), (running_var, var, w, w * unbias),
+                *((b, v, ww, ww) for b, v, ww in extra)) if b is not None]
+            # decided on the host, on the small (C,) vectors (no torch op per check)
+            if all(_finite(v) for _, v, _, _ in terms):
+                for b, v, ww, wv in terms:
+                    b.mul_(1.0 - ww).add_(v, alpha=wv)
+                if num_batches_tracked is not None:
+                    num_batches_tracked.add_(1)
+            return
+        unbiased = var * (count / (count - 1))
+        commit([(b, b * (1.0 - ww) + v.detach().to(b.device, b.dtype) * ww)
+                for b, v, ww in ((running_mean, mean, w), (running_var, unbiased, w), *extra)
+                if b is not None], num_batches_tracked)
+
+
+def _finite(v: torch.Tensor) -> bool:
+    """Every entry of a CPU (C,) vector is finite (NumPy's check where it can read it)."""
+    if v.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(v.numpy()).all())
+    return bool(torch.isfinite(v).all())
 
 
 def commit(pairs, num_batches_tracked=None) -> None:
