@@ -73,18 +73,7 @@ def _as_numpy(t: Tensor, fmt: torch.memory_format) -> tuple[np.ndarray, int]:
     return _view(t.permute(0, *range(2, t.dim()), 1)), -1
 
 
-_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _view(t: Tensor) -> np.ndarray:
-    """A NumPy array over a C-contiguous tensor's memory, for the duration of a kernel call.
-
-    Not ``t.numpy()``: that marks the tensor's storage as not resizable for good, so a
-    user's input, parameter (FSDP frees them with ``resize_(0)``) or output would lose
-    ``resize_``."""
-    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
-    buf.owner = t  # the array (whose base is buf) keeps the tensor's memory alive
-    return np.ndarray(t.shape, _NUMPY[t.dtype], buf)
+_view = engine.numpy_view
 
 
 def _empty_like(x: Tensor) -> Tensor:
@@ -182,6 +171,12 @@ _MADV_HUGEPAGE = 14
 _PAGE = 4096
 
 
+def _own(t: Tensor) -> np.ndarray:
+    """bnlab's own (C,) statistics (never a user's tensor) as NumPy: ``.numpy()`` is safe
+    and cheapest here."""
+    return t.detach().contiguous().numpy()
+
+
 def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
     return None if t is None else _view(t.detach().contiguous())
 
@@ -237,7 +232,7 @@ def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
     xv, axis = _as_numpy(x, fmt)
     dyv, _ = _as_numpy(dy.to(x.dtype), fmt)  # dy may come in another layout than x
     dx, dxv = _output(x, fmt)
-    _, dgamma, dbeta = _numba().backward(dyv, xv, _vec(mean), _vec(inv_std), _vec(weight),
+    _, dgamma, dbeta = _numba().backward(dyv, xv, _own(mean), _own(inv_std), _vec(weight),
                                          axis, batch_stats, out=dxv, threads=_threads())
     return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
 
@@ -419,7 +414,7 @@ def grad_sums_impl(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]
     fmt = memory_format(x)
     xv, axis = _as_numpy(x, fmt)
     dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
-    s, p = _numba().grad_sums(dyv, xv, _vec(mean), axis, threads=_threads())
+    s, p = _numba().grad_sums(dyv, xv, _own(mean), axis, threads=_threads())
     return torch.from_numpy(s), torch.from_numpy(p)
 
 
@@ -431,8 +426,8 @@ def dx_from_sums_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
     xv, axis = _as_numpy(x, fmt)
     dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
     dx, dxv = _output(x, fmt)
-    _numba().dx_from_sums(dyv, xv, _vec(mean), _vec(inv_std), _vec(weight), _vec(sum_dy),
-                          _vec(sum_dy_xmu), count, axis, out=dxv, threads=_threads())
+    _numba().dx_from_sums(dyv, xv, _own(mean), _own(inv_std), _vec(weight), _own(sum_dy),
+                          _own(sum_dy_xmu), count, axis, out=dxv, threads=_threads())
     return dx
 
 
@@ -570,7 +565,7 @@ class ActFunction(torch.autograd.Function):
             xv, axis = _as_numpy(x, fmt)
             dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
             dx, dxv = _output(x, fmt)
-            _, dgamma, dbeta = _numba().backward(dyv, xv, _vec(mean), _vec(inv_std),
+            _, dgamma, dbeta = _numba().backward(dyv, xv, _own(mean), _own(inv_std),
                                                  _vec(weight), axis, batch_stats, out=dxv,
                                                  threads=_threads(), beta=_vec(bias),
                                                  act=ctx.act)

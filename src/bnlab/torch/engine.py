@@ -24,6 +24,7 @@ package) that names what it does not take; it never hands the call elsewhere.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,6 +231,23 @@ def _warn_missing(engine: str) -> None:
         kernels._warn_once("numba", kernels.missing_numba_message())
 
 
+# --- NumPy views of torch memory ------------------------------------------------------------
+
+_NUMPY = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A NumPy array over a C-contiguous float32/float64 CPU tensor's memory (for the numba
+    kernels and the running-statistics update).
+
+    Not ``t.numpy()``: that marks the tensor's storage as not resizable for good, so a
+    user's input, parameter (FSDP frees them with ``resize_(0)``), buffer or output would
+    lose ``resize_``."""
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    buf.owner = t  # the array (whose base is buf) keeps the tensor's memory alive
+    return np.ndarray(t.shape, _NUMPY[t.dtype], buf)
+
+
 # --- the running-statistics bookkeeping (every path) -----------------------------------------
 
 
@@ -256,32 +274,60 @@ def update_running(running_mean, running_var, num_batches_tracked, mean, var, co
     ``count``: values per channel (int or 0-d tensor). Any buffer may be None.
     """
     w = momentum_of(momentum, num_batches_tracked)
-    with torch.no_grad():
-        # (buffer, batch value, weight of the value): the unbiased correction in the weight
-        if all(b is None or b.device.type == "cpu" for b in
-               (running_mean, running_var, *(b for b, _, _ in extra))):
-            unbias = float(count) / (float(count) - 1.0)
-            terms = [(b, v.detach().cpu(), ww, wv) for b, v, ww, wv in (
-                (running_mean, mean, w, w), (running_var, var, w, w * unbias),
-                *((b, v, ww, ww) for b, v, ww in extra)) if b is not None]
-            # decided on the host, on the small (C,) vectors (no torch op per check)
-            if all(_finite(v) for _, v, _, _ in terms):
-                for b, v, ww, wv in terms:
-                    b.mul_(1.0 - ww).add_(v, alpha=wv)
-                if num_batches_tracked is not None:
+    if not extra and _plain(running_mean) and _plain(running_var) and isinstance(count, int) \
+            and mean.device.type == "cpu":  # the common case, without the general bookkeeping
+        m, v = _host(mean), _host(var)
+        if np.isfinite(m).all() and np.isfinite(v).all():
+            a = numpy_view(running_mean)
+            a *= 1.0 - w
+            a += w * m
+            a = numpy_view(running_var)
+            a *= 1.0 - w
+            a += (w * count / (count - 1)) * v
+            if num_batches_tracked is not None:
+                with torch.no_grad():
                     num_batches_tracked.add_(1)
-            return
+        return
+    buffers = (running_mean, running_var, *(b for b, _, _ in extra))
+    if all(b is None or b.device.type == "cpu" for b in buffers):
+        # decided on the host: NumPy on the small (C,) vectors, no torch op per step
+        unbias = count / (count - 1) if isinstance(count, int) else float(count) / (
+            float(count) - 1.0)
+        terms = [(b, _host(v), ww, wv) for b, v, ww, wv in (
+            (running_mean, mean, w, w), (running_var, var, w, w * unbias),
+            *((b, v, ww, ww) for b, v, ww in extra)) if b is not None]
+        if all(np.isfinite(v).all() for _, v, _, _ in terms):
+            for b, v, ww, wv in terms:
+                if b.dtype in _NUMPY and b.is_contiguous():
+                    a = numpy_view(b)
+                    a *= 1.0 - ww
+                    a += wv * v
+                else:
+                    with torch.no_grad():
+                        b.mul_(1.0 - ww).add_(torch.from_numpy(v), alpha=wv)
+            if num_batches_tracked is not None:
+                with torch.no_grad():
+                    num_batches_tracked.add_(1)
+        return
+    with torch.no_grad():
         unbiased = var * (count / (count - 1))
         commit([(b, b * (1.0 - ww) + v.detach().to(b.device, b.dtype) * ww)
                 for b, v, ww in ((running_mean, mean, w), (running_var, unbiased, w), *extra)
                 if b is not None], num_batches_tracked)
 
 
-def _finite(v: torch.Tensor) -> bool:
-    """Every entry of a CPU (C,) vector is finite (NumPy's check where it can read it)."""
-    if v.dtype in (torch.float32, torch.float64):
-        return bool(np.isfinite(v.numpy()).all())
-    return bool(torch.isfinite(v).all())
+def _plain(b) -> bool:
+    """A contiguous float32/float64 CPU buffer (NumPy updates it in place)."""
+    return b is not None and b.device.type == "cpu" and b.dtype in _NUMPY and b.is_contiguous()
+
+
+def _host(v: torch.Tensor) -> np.ndarray:
+    """A (C,) batch statistic (bnlab's own tensor, never a user's) as a float64 NumPy
+    array, a view where it already is one."""
+    v = v.detach()
+    if v.dtype != torch.float64 or v.device.type != "cpu":
+        v = v.to("cpu", torch.float64)
+    return v.numpy()
 
 
 def commit(pairs, num_batches_tracked=None) -> None:
