@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    from bnlab.bench import write_json
     import bnlab.torch as bt
 
     torch.set_num_threads(2)
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
               "calls": args.calls, "rows": rows}
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)  # atomically
     return 0
 
 

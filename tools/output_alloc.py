@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import bnlab.torch as bt  # noqa: E402
+from bnlab.bench import write_json  # noqa: E402
 from bnlab.torch import _ops  # noqa: E402
 
 _TORCH = _ops._output
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
               "rounds": args.rounds, "rows": rows}
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)  # atomically
     return 0
 
 

@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--json")
     args = p.parse_args(argv)
+    from bnlab.bench import write_json
     import torch
 
     from bnlab.torch import distributed
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
               "threads_per_process": 1, "steps": args.steps, "rows": rows}
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)  # atomically
     return 0
 
 

@@ -108,7 +108,7 @@ def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"mask must be boolean (True: counts in the statistics), got "
                         f"{mask.dtype}")
     mask = mask.to(x.device)
-    if not engine.transformed(x) and not bool(mask.any()):
+    if not engine.transformed() and not bool(mask.any()):
         raise ValueError("mask has no True entry: there is nothing to take statistics over")
     return mask
 

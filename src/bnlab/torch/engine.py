@@ -43,8 +43,8 @@ _FLOAT = (torch.float32, torch.float64, *_HALF)
 class Rule:
     """What one engine takes. ``devices``: where ``auto`` picks it ("cpu", "cuda");
     ``dtypes``: x's dtypes; ``param_dtypes``: "x" (weight, bias and running statistics of
-    x's dtype) or "x|float32" (also float32: half activations with float32 parameters, as
-    autocast makes them); ``package``: what must import; ``transforms``: runs under
+    x's dtype), "x or float32" (also float32: half activations with float32 parameters, as
+    autocast makes them) or "any"; ``package``: what must import; ``transforms``: runs under
     ``torch.func`` transforms and forward-mode AD; ``mask``: takes ``mask=``."""
 
     engine: str
@@ -58,7 +58,7 @@ class Rule:
 
 
 RULES = (
-    Rule("triton", ("cuda",), (torch.float32, *_HALF), "x|float32", "triton", False, False,
+    Rule("triton", ("cuda",), (torch.float32, *_HALF), "x or float32", "triton", False, False,
          "statistics in float32 by Welford/Chan merges"),
     Rule("numba", ("cpu",), (torch.float32, torch.float64), "x", "numba", False, False,
          "statistics accumulated in float64"),
@@ -85,6 +85,7 @@ def table() -> str:
 
 
 # --- what is installed ------------------------------------------------------------------------
+
 
 def available(engine: str) -> bool:
     """The engine's package imports."""
@@ -125,7 +126,7 @@ def verify_batch_size(x: torch.Tensor) -> None:
             f"Expected more than 1 value per channel when training, got input size {size}")
 
 
-def transformed(x: torch.Tensor) -> bool:
+def transformed() -> bool:
     """Inside a ``torch.func`` transform (vmap, grad, jacrev, jvp) or a forward-mode AD
     dual level: only engines written in torch operations can run."""
     return torch._C._are_functorch_transforms_active() or _fwad._current_level >= 0
@@ -135,9 +136,9 @@ def transformed(x: torch.Tensor) -> bool:
 
 
 def _on(rule: Rule, x: torch.Tensor, forced: bool) -> bool:
+    """x is on a device of the rule's (forced Triton: also CPU tensors in its interpreter)."""
     if x.device.type in rule.devices:
-        return rule.engine != "triton" or x.device.type == "cuda"
-    # forced Triton also runs CPU tensors in the interpreter
+        return True
     return forced and rule.engine == "triton" and x.device.type == "cpu" and \
         kernels.triton_interpreted()
 
@@ -189,7 +190,7 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
             t is not None and t.shape != x.shape[1:2] for t in params):
         _torch_rejects(x, params)  # torch's error for (C,) vectors of another size
     special = ("mask=" if mask is not None else
-               "torch.func transforms or forward-mode AD" if transformed(x) else None)
+               "torch.func transforms or forward-mode AD" if transformed() else None)
     if backend == "auto":
         if special:
             return "native" if update and mask is None else "reference"
