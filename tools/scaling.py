@@ -27,42 +27,24 @@ sys.path.insert(0, str(ROOT / "src"))
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
+def counts(net) -> dict:
+    """Parameters, BN layers and BN channels of a torch model."""
+    bns = [m for m in net.modules() if "BatchNorm" in type(m).__name__]
+    return {"parameters": sum(p.numel() for p in net.parameters()), "bn_layers": len(bns),
+            "bn_channels": sum(m.num_features for m in bns)}
+
+
 def resnet50_counts() -> dict:
-    """ResNet-50 (He et al. 2016, torchvision's layout): parameters and BN channels."""
-    params, bn_layers, bn_channels = 0, 0, 0
+    """ResNet-50 (He et al. 2016, torchvision's layout: bnlab.torch.models.resnet50)."""
+    from bnlab.torch.models import resnet50
 
-    def conv(c_in, c_out, k):
-        nonlocal params
-        params += c_in * c_out * k * k
-
-    def bn(c):
-        nonlocal params, bn_layers, bn_channels
-        params += 2 * c
-        bn_layers += 1
-        bn_channels += c
-
-    conv(3, 64, 7)
-    bn(64)
-    c_in = 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            conv(c_in, width, 1), bn(width)
-            conv(width, width, 3), bn(width)
-            conv(width, 4 * width, 1), bn(4 * width)
-            if b == 0:
-                conv(c_in, 4 * width, 1), bn(4 * width)  # the downsampling shortcut
-            c_in = 4 * width
-    params += 2048 * 1000 + 1000  # the classifier
-    return {"parameters": params, "bn_layers": bn_layers, "bn_channels": bn_channels}
+    return counts(resnet50())
 
 
 def seed_cnn_counts(channels=(8, 16)) -> dict:
     from bnlab.torch.models import seed_cnn
 
-    net = seed_cnn(channels=channels)
-    bns = [m for m in net.modules() if "BatchNorm" in type(m).__name__]
-    return {"parameters": sum(p.numel() for p in net.parameters()), "bn_layers": len(bns),
-            "bn_channels": sum(m.num_features for m in bns)}
+    return counts(seed_cnn(channels=channels))
 
 
 def traffic(counts: dict) -> dict:
