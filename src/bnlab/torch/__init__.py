@@ -10,8 +10,10 @@
 * :func:`batch_norm`: ``torch.nn.functional.batch_norm`` with ``backend=``.
 * :func:`convert` / :func:`revert`; :mod:`bnlab.torch.models`.
 
-What runs where, and the one deliberate difference from torch (a NaN/inf batch does not
-poison the running statistics): :mod:`bnlab.torch.functional`.
+What runs where (numba, Triton, the reference in torch operations, torch's own kernel):
+:mod:`bnlab.torch.engine`, one rule table for every module and function. The one
+deliberate difference from torch (a NaN/inf batch does not poison the running
+statistics): :mod:`bnlab.torch.functional`.
 """
 
 try:

@@ -4,8 +4,10 @@ Two kernel families ("engines") behind the same autograd formulas: numba on CPU 
 (through NumPy views, below) and Triton (:mod:`bnlab.kernels.triton_bn`, which takes torch
 tensors itself: CUDA, or CPU in Triton's interpreter).
 
-For numba, each op hands the kernels zero-copy NumPy views of CPU tensors and writes into an output
-tensor allocated by torch, so nothing is copied on the way in or out:
+For numba, each op hands the kernels zero-copy NumPy views of CPU tensors
+(:func:`bnlab.torch.engine.numpy_view`, which leaves their storages resizable) and writes
+into an output tensor allocated by torch (large ones reused, :class:`_Outputs`), so nothing
+is copied on the way in or out:
 
 * contiguous memory (NCHW, (N, C), (N, C, L), NCDHW) is viewed with channels on axis 1;
 * channels_last / channels_last_3d memory is viewed as NHWC / NDHWC, which the kernels
@@ -25,11 +27,16 @@ Ops (namespace ``bnlab``):
   statistics; differentiable in x, weight, bias.
 * ``batch_norm_backward(dy, x, mean, inv_std, weight?, batch_stats) -> (dx, dweight, dbias)``.
 * ``update_running_stats(running_mean!, running_var!, num_batches_tracked!, mean, var, count,
-  momentum?)``: the in-place update, skipped when the batch statistics are not finite.
+  momentum?)``: :func:`bnlab.torch.engine.update_running` (skipped when the batch
+  statistics are not finite).
+
+Gradients: when a graph of the gradient is asked for (``create_graph=True``, torch.func's
+batched gradients), the backward is the differentiable closed form in torch operations
+(:func:`bnlab.torch.reference.grads`), so second derivatives are exact on every engine.
 
 The Triton engine registers the same four as ``bnlab::triton_batch_norm_train`` etc. (any
 device); its mean is float64 (the float32 pair the kernels keep), its other statistics
-float32.
+float32. Which engine runs is :mod:`bnlab.torch.engine`'s decision.
 
 Under ``torch.compile`` the modules call these ops; in eager mode they call the same
 implementations through ``TrainFunction``/``EvalFunction`` (the same autograd formulas),

@@ -14,7 +14,7 @@ Engines:
   device and dtype, differentiable to any order: ``mask=``, ``torch.func`` transforms and
   forward-mode AD.
 * ``native``: ``torch.nn.functional.batch_norm``, with bnlab's bookkeeping around it
-  (NaN-guarded running statistics, :func:`guarded_native`).
+  (NaN-guarded running statistics, :func:`bnlab.torch.functional.guarded_native`).
 
 The rules are :data:`RULES`, in the order ``backend="auto"`` tries them; the docs' table
 is :func:`table`. A forced backend (``"numba"``, ``"triton"``, ``"reference"``,
