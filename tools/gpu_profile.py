@@ -70,7 +70,7 @@ def host_section(device, small_shape, n):
     theirs = torch.nn.BatchNorm2d(small_shape[1]).to(device)
     xd = x.detach()
     run = tb._Launch(xd, torch.contiguous_format)
-    parts = torch.empty((2, run.P, run.C), device=device)
+    parts = torch.empty((3, run.P, run.C), device=device)  # count, mean, M2 per part
     bad = torch.empty(run.grid, dtype=torch.int32, device=device)
     w, b = ours.weight.detach(), ours.bias.detach()
     rm, rv, nbt = ours.running_mean, ours.running_var, ours.num_batches_tracked

@@ -291,7 +291,11 @@ def graph_wanted(dy: Optional[Tensor] = None) -> bool:
     kernels' backward then gives way to the same closed form in torch operations
     (:func:`bnlab.torch.reference.grads`)."""
     return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-            or (dy is not None and torch._C._functorch.is_legacy_batchedtensor(dy)))
+            or (dy is not None and _legacy_batched(dy)))
+
+
+# torch's private test for gradcheck's legacy vmap; a torch without it has no such vmap
+_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)
 
 
 def _setup(ctx, x, weight, bias, mean, inv_std, eps):
