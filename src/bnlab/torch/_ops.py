@@ -56,6 +56,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 from torch import Tensor
+
 from .. import functional as F
 from .. import kernels
 from ..kernels.torch_layout import memory_format
@@ -449,7 +450,6 @@ def _triton_method(name):
 class Engine(NamedTuple):
     """One kernel family's implementations, for the eager Functions and the modules."""
 
-    name: str
     train: object  # (x, weight, bias, eps, running_mean, running_var, nbt, count, momentum)
     eval: object
     backward: object
@@ -473,10 +473,10 @@ def _triton_train(x, weight, bias, eps, running_mean, running_var, nbt, count, m
                                    engine.momentum_of(momentum, nbt))
 
 
-ENGINES = {"numba": Engine("numba", _numba_train, eval_impl, backward_impl, NUMBA_OPS,
-                           moments_impl, grad_sums_impl, dx_from_sums_impl),
-           "triton": Engine("triton", _triton_train, triton_eval_impl, triton_backward_impl,
-                            TRITON_OPS, _triton_method("moments"), _triton_method("grad_sums"),
+ENGINES = {"numba": Engine(_numba_train, eval_impl, backward_impl, NUMBA_OPS, moments_impl,
+                           grad_sums_impl, dx_from_sums_impl),
+           "triton": Engine(_triton_train, triton_eval_impl, triton_backward_impl, TRITON_OPS,
+                            _triton_method("moments"), _triton_method("grad_sums"),
                             _triton_method("dx_from_sums"))}
 
 

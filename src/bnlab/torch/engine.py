@@ -275,31 +275,16 @@ def update_running(running_mean, running_var, num_batches_tracked, mean, var, co
     ``count``: values per channel (int or 0-d tensor). Any buffer may be None.
     """
     w = momentum_of(momentum, num_batches_tracked)
-    if not extra and _plain(running_mean) and _plain(running_var) and isinstance(count, int) \
-            and mean.device.type == "cpu":  # the common case, without the general bookkeeping
-        m, v = _host(mean), _host(var)
-        if np.isfinite(m).all() and np.isfinite(v).all():
-            a = numpy_view(running_mean)
-            a *= 1.0 - w
-            a += w * m
-            a = numpy_view(running_var)
-            a *= 1.0 - w
-            a += (w * count / (count - 1)) * v
-            if num_batches_tracked is not None:
-                with torch.no_grad():
-                    num_batches_tracked.add_(1)
-        return
     buffers = (running_mean, running_var, *(b for b, _, _ in extra))
     if all(b is None or b.device.type == "cpu" for b in buffers):
         # decided on the host: NumPy on the small (C,) vectors, no torch op per step
-        unbias = count / (count - 1) if isinstance(count, int) else float(count) / (
-            float(count) - 1.0)
+        unbias = float(count) / (float(count) - 1.0)
         terms = [(b, _host(v), ww, wv) for b, v, ww, wv in (
             (running_mean, mean, w, w), (running_var, var, w, w * unbias),
             *((b, v, ww, ww) for b, v, ww in extra)) if b is not None]
         if all(np.isfinite(v).all() for _, v, _, _ in terms):
             for b, v, ww, wv in terms:
-                if b.dtype in _NUMPY and b.is_contiguous():
+                if _plain(b):
                     a = numpy_view(b)
                     a *= 1.0 - ww
                     a += wv * v

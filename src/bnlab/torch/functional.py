@@ -79,16 +79,14 @@ def guarded_native(x, running_mean, running_var, weight, bias, training: bool,
     the running statistics, which :func:`bnlab.torch.engine.commit` puts in place (and
     counts in ``num_batches_tracked``) only if they are finite. (Restoring the buffers
     afterwards instead would change tensors that torch's backward saved.)"""
+    momentum = engine.momentum_of(momentum, num_batches_tracked)
     if engine.transformed() and training and num_batches_tracked is not None:
         # as torch's module: counted first (a grad transform refuses the in-place add, a
         # vmap the kernel's update of unbatched buffers: torch's own errors)
         num_batches_tracked.add_(1)
     if not training or (running_mean is None and running_var is None) or engine.transformed():
         return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
-                                              training, engine.momentum_of(momentum,
-                                                                           num_batches_tracked),
-                                              eps)
-    momentum = engine.momentum_of(momentum, num_batches_tracked)
+                                              training, momentum, eps)
     new_mean = None if running_mean is None else running_mean.clone()
     new_var = None if running_var is None else running_var.clone()
     y = torch.nn.functional.batch_norm(x, new_mean, new_var, weight, bias, True, momentum, eps)

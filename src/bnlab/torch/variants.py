@@ -178,24 +178,19 @@ class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
         self.act = act
 
     def _scripted_act(self, y: torch.Tensor) -> torch.Tensor:
+        """The activation after BN (TorchScript's path calls it too)."""
         return torch.relu(y) if self.act == "relu" else y
 
     def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         no_mask(self, mask)
         self._check_input_dim(input)
-        bn_training = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        rm = self.running_mean if not self.training or self.track_running_stats else None
-        rv = self.running_var if not self.training or self.track_running_stats else None
+        bn_training, rm, rv, nbt, momentum = self._bn_args()
         engine.check_eps(self.eps, bn_training)
         name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias))
         if name not in _ops.ENGINES or torch.compiler.is_compiling():
-            y = super()._forward(input)
-            return torch.relu(y) if self.act == "relu" else y
+            return self._scripted_act(super()._forward(input))
         if bn_training:
             engine.verify_batch_size(input)
-        nbt = self.num_batches_tracked if update else None
-        momentum = self.momentum if self.momentum is not None or nbt is not None else 0.0
         return _ops.ActFunction.apply(input, self.weight, self.bias, rm, rv, nbt, self.eps,
                                       momentum, bn_training, self.act, name)
 
