@@ -44,9 +44,10 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(owner, name, spied)
 
-    for name in ("train_forward", "inference", "backward", "moments"):
+    for name in ("train_forward", "inference", "backward", "moments", "add_act_forward"):
         wrap(numba_bn, name, "numba")
         wrap(triton_bn, name, "triton")
+    wrap(numba_bn, "add_act_backward", "numba")
     wrap(reference, "forward", "reference")
     wrap(torch.nn.functional, "batch_norm", "native")
     return ran
@@ -55,10 +56,12 @@ def spy(monkeypatch):
 # --- the definition, in float64 ---------------------------------------------------------------
 
 
-def definition(x, w, b, rm, rv, training, mask=None, act=None, ghost=None, renorm=None):
+def definition(x, w, b, rm, rv, training, mask=None, act=None, ghost=None, renorm=None,
+               residual=None):
     """y, and the running statistics after the call, in float64 (autograd gives the
     gradients). ``mask``: statistics over True positions; ``ghost``: virtual batch size;
-    ``renorm``: (renorm_mean, renorm_std, rmax, dmax)."""
+    ``renorm``: (renorm_mean, renorm_std, rmax, dmax); ``residual``: added before the
+    activation."""
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
 
@@ -97,6 +100,8 @@ def definition(x, w, b, rm, rv, training, mask=None, act=None, ghost=None, renor
         new = ((1 - MOMENTUM) * rm.double() + MOMENTUM * mean.detach(),
                (1 - MOMENTUM) * rv.double() + MOMENTUM * var.detach() * m / (m - 1))
     y = y * w.double().reshape(shape) + b.double().reshape(shape)
+    if residual is not None:
+        y = y + residual
     if act == "relu":
         y = torch.relu(y)
     return y, new
@@ -110,6 +115,8 @@ KINDS = {  # name: (shape, module factory or None for the functional form)
     "BatchNorm2d": ((4, 3, 3, 3), lambda: bt.BatchNorm2d(3, EPS, MOMENTUM)),
     "BatchNorm3d": ((2, 3, 2, 2, 3), lambda: bt.BatchNorm3d(3, EPS, MOMENTUM)),
     "BatchNormAct2d": ((4, 3, 3, 3), lambda: bt.BatchNormAct2d(3, eps=EPS, momentum=MOMENTUM)),
+    "BatchNormAddAct2d": ((4, 3, 3, 3), lambda: bt.BatchNormAddAct2d(3, eps=EPS,
+                                                                     momentum=MOMENTUM)),
     "GhostBatchNorm2d": ((4, 3, 3, 3), lambda: bt.GhostBatchNorm2d(3, 2, EPS, MOMENTUM)),
     "BatchRenorm2d": ((4, 3, 3, 3), lambda: bt.BatchRenorm2d(3, EPS, MOMENTUM, rmax=1.5,
                                                                dmax=0.5, renorm_momentum=0.3)),
@@ -194,10 +201,19 @@ def test_matrix(spy, kind, backend, dname, layout, strided):
         renorm0 = (module.renorm_mean.clone(), module.renorm_std.clone()) if hasattr(
             module, "renorm_mean") else None
 
+    residual = r64 = None
+    if kind == "BatchNormAddAct2d":  # in x's dtype and memory format
+        residual = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype).contiguous(
+            memory_format=torch.channels_last if layout == "channels_last" else
+            torch.contiguous_format).requires_grad_()
+        r64 = residual.detach().double().requires_grad_()
+
     def call(xx, training):
         if module is None:
             return bt.batch_norm(xx, rm, rv, w, b, training, MOMENTUM, EPS, backend=backend)
         module.train(training)
+        if residual is not None:
+            return module(xx, residual)
         return module(xx, mask=mask) if mask is not None else module(xx)
 
     xg = x.detach().clone(memory_format=torch.preserve_format) if layout != "strided" else \
@@ -217,15 +233,17 @@ def test_matrix(spy, kind, backend, dname, layout, strided):
     w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     ref, (rm_ref, rv_ref) = definition(
         x64, w64, b64, rm0, rv0, True, mask=mask,
-        act="relu" if kind == "BatchNormAct2d" else None,
+        act="relu" if kind in ("BatchNormAct2d", "BatchNormAddAct2d") else None,
         ghost=2 if kind == "GhostBatchNorm2d" else None,
-        renorm=(renorm0[0], renorm0[1], 1.5, 0.5) if renorm0 else None)
+        renorm=(renorm0[0], renorm0[1], 1.5, 0.5) if renorm0 else None, residual=r64)
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(y.double(), ref.detach(), rtol=rtol, atol=atol)
     dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
     y.backward(dy.to(dtype))
     ref.backward(dy)
     torch.testing.assert_close(xg.grad.double(), x64.grad, rtol=rtol, atol=atol * 4)
+    if residual is not None:
+        torch.testing.assert_close(residual.grad.double(), r64.grad, rtol=rtol, atol=atol)
     wgrad = (module.weight.grad if module is not None else None)
     if wgrad is not None:
         torch.testing.assert_close(wgrad.double(), w64.grad, rtol=rtol, atol=atol * 10)
@@ -255,7 +273,8 @@ def test_matrix(spy, kind, backend, dname, layout, strided):
     with torch.no_grad():
         y_eval = call(x.detach(), False)
     ref_eval, _ = definition(x.double(), w.double(), b.double(), running[0], running[1], False,
-                             act="relu" if kind == "BatchNormAct2d" else None)
+                             act="relu" if kind in ("BatchNormAct2d", "BatchNormAddAct2d")
+                             else None, residual=None if r64 is None else r64.detach())
     torch.testing.assert_close(y_eval.double(), ref_eval, rtol=rtol, atol=atol)
     if kind != "masked BatchNorm2d":  # eval ignores the mask: the unmasked engines
         assert set(spy) == {expected_engine("BatchNorm2d", backend, dtype)}, spy

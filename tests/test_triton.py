@@ -256,9 +256,9 @@ def test_kernels_compile_for_an_h100_with_vector_loads():
     rows = json.loads(out.stdout.splitlines()[-1])
     kernels = {r["kernel"] for r in rows}
     assert {"_stats_kernel", "_normalize_kernel", "_grad_sums_kernel", "_dx_kernel",
-            "_finalize_stats_kernel", "_finalize_grads_kernel"} <= kernels
+            "_finalize_stats_kernel", "_finalize_grads_kernel", "_add_act_kernel"} <= kernels
     for r in rows:
-        if r["kernel"] in ("_normalize_kernel", "_dx_kernel"):
+        if r["kernel"] in ("_normalize_kernel", "_dx_kernel", "_add_act_kernel"):
             assert r["ld_v4"] > 0 and r["st_v4"] > 0, r
         if r["kernel"] in ("_stats_kernel", "_grad_sums_kernel"):
             assert r["ld_v4"] > 0, r

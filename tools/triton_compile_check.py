@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 _POINTER = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16", "float64": "*fp64",
-            "int32": "*i32", "int64": "*i64"}
+            "int32": "*i32", "int64": "*i64", "uint8": "*u8"}
 
 
 class _Recorder:
@@ -79,8 +79,8 @@ def _specialize(fn, args, meta):
 
 def launches(cases, multiprocessors: int):
     """Every kernel launch of a training step (forward with the update, backward) and an
-    evaluation step (forward, backward) for each case, without and with the fused ReLU:
-    [(case, fn, grid, args, meta)]."""
+    evaluation step (forward, backward) for each case, without and with the fused ReLU, and
+    with BN + add + ReLU: [(case, fn, grid, args, meta)]."""
     import torch
 
     from bnlab.kernels import triton_bn as tb
@@ -109,6 +109,11 @@ def launches(cases, multiprocessors: int):
                 tb.backward(x, x, mean, inv_std, w, True, b, act)
                 _, mean, inv_std = tb.inference(x, rm, rv, w, b, 1e-5, act)
                 tb.backward(x, x, mean, inv_std, w, False, b, act)
+            for training in (True, False):  # BatchNormAddAct2d: BN + add + ReLU, 1-bit mask
+                stats = (None, None, rm, rv) if training else (rm, rv, None, None)
+                _, mean, inv_std, bits = tb.add_act_forward(x, x, w, b, 1e-5, training, *stats,
+                                                            nbt, 0.1, "relu")
+                tb.backward(x, x, mean, inv_std, w, training, b, "identity", bits)
             out += [(case, *call) for call in calls]
     finally:
         for name in kernels:

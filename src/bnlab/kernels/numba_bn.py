@@ -506,3 +506,143 @@ def dx_from_sums(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xmu, count: int, ax
     _call(v, last, threads, _cl_dx, _cf_dx, d, mean, A, B, D, out, np.ones(C), np.zeros(C),
           False)
     return out.reshape(x.shape)
+
+
+# --- BN + add + activation (BatchNormAddAct2d): one pass, a 1-bit ReLU mask ------------------
+# y = act((x - mean) * a + b + r). The ReLU's mask is kept as bits in memory order (bit i of
+# byte i // 8 for element i of x's memory), so the backward never reads y or z = BN(x) + r.
+# The passes walk x's memory in contiguous chunks of a multiple of 8 elements (each chunk owns
+# its bytes of the mask); element i's channel is (i // L) % C, tracked as the walk goes.
+
+
+def mask_bytes(size: int) -> int:
+    """Bytes of the 1-bit mask of ``size`` elements."""
+    return (size + 7) // 8
+
+
+@njit(cache=True)
+def _chunk(p, parts, n, C, L):
+    """Elements [i0, i1) of chunk p of ``parts`` (i0 a multiple of 8), and where i0 is: its
+    position l in its channel's run of L values, and its channel c."""
+    per = ((n + parts - 1) // parts + 7) // 8 * 8
+    i0 = p * per
+    slab = i0 // L
+    return i0, min(n, i0 + per), i0 - slab * L, slab % C
+
+
+@njit(inline="always")
+def _next(l, c, run, C, L):
+    """(l, c) after ``run`` more values of channel c."""
+    l += run
+    if l == L:
+        return 0, c + 1 if c + 1 < C else 0
+    return l, c
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _add_act(x, r, out, bits, mean, a, b, C, L, relu, parts):
+    """out = act((x - mean) * a + b + r) over flat x, r, out; with ``relu`` the bits of
+    not out <= 0 (out > 0, or NaN: torch's ReLU backward passes dy where its output is NaN). mean, a, b: (C,) in x's dtype; L: values of a channel in a row (1: channels
+    last)."""
+    n = x.shape[0]
+    for p in prange(parts):
+        i0, i1, l, c = _chunk(p, parts, n, C, L)
+        if relu:
+            for j in range(i0 >> 3, (i1 + 7) >> 3):
+                bits[j] = 0
+        i = i0
+        while i < i1:
+            run = min(L - l, i1 - i)
+            mu, aa, bb = mean[c], a[c], b[c]
+            for j in range(i, i + run):
+                v = _act((x[j] - mu) * aa + bb + r[j], relu)
+                out[j] = v
+                if relu and not v <= 0:  # NaN passes dy, as torch's ReLU backward
+                    bits[j >> 3] |= np.uint8(1 << (j & 7))
+            i += run
+            l, c = _next(l, c, run, C, L)
+
+
+@njit(parallel=True, cache=True, fastmath=_FM)
+def _gate_sums(x, dy, bits, dr, mean, C, L, relu, parts):
+    """g = dy where the mask bit is set (``relu``; else dy) written to dr, and per-channel
+    sum(g), sum(g * (x - mean)) in float64 (C,) each."""
+    n = x.shape[0]
+    S = np.zeros((parts, C))
+    P = np.zeros((parts, C))
+    for p in prange(parts):
+        i0, i1, l, c = _chunk(p, parts, n, C, L)
+        i = i0
+        while i < i1:
+            run = min(L - l, i1 - i)
+            mu = mean[c]
+            s = 0.0
+            q = 0.0
+            for j in range(i, i + run):
+                g = dy[j]
+                if relu and not (bits[j >> 3] >> (j & 7)) & 1:
+                    g = g - g
+                dr[j] = g
+                gg = np.float64(g)
+                s += gg
+                q += gg * (np.float64(x[j]) - mu)
+            S[p, c] += s
+            P[p, c] += q
+            i += run
+            l, c = _next(l, c, run, C, L)
+    return S.sum(axis=0), P.sum(axis=0)
+
+
+def _flat(x, axis: int):
+    """x's memory as 1-D, with C and L (values of one channel in a row of memory)."""
+    x = np.ascontiguousarray(x)
+    axis %= x.ndim
+    return x.reshape(-1), x.shape[axis], math.prod(x.shape[axis + 1:])
+
+
+def _parts() -> int:
+    return 4 * get_num_threads()
+
+
+def add_act_forward(x, mean, inv_std, gamma, beta, residual, axis: int, out=None, bits=None,
+                    threads=Threads(), act: str = "relu"):
+    """y = act(gamma * (x - mean) * inv_std + beta + residual) in one pass over x and the
+    residual (BN + add + ReLU, the tail of a ResNet block). With ``act="relu"`` the mask
+    not y <= 0 (as torch's ReLU backward: dy passes where y > 0 or y is NaN) is written to ``bits`` (uint8, :func:`mask_bytes` of x.size; bit i of byte i // 8
+    for element i of x's memory); returns (y, bits) (bits None for "identity")."""
+    relu = _relu(act)
+    v, C, L = _flat(x, axis)
+    r = np.ascontiguousarray(residual, dtype=x.dtype).reshape(-1)
+    if r.shape != v.shape:
+        raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
+    g, b = _params(gamma, beta, C)
+    a = (g * inv_std.astype(np.float64)).astype(v.dtype)
+    out = _out(out, v)
+    if bits is None:
+        bits = np.empty(mask_bytes(v.size) if relu else 0, np.uint8)
+    _run(_add_act, v.size, threads, v, r, out, bits, mean.astype(v.dtype), a, b.astype(v.dtype),
+         C, L, relu, _parts())
+    return out.reshape(x.shape), bits if relu else None
+
+
+def add_act_backward(dy, x, bits, mean, inv_std, gamma, axis: int, batch_stats: bool,
+                     out=None, out_residual=None, threads=Threads(), act: str = "relu"):
+    """Gradients of :func:`add_act_forward`: g = dy gated by the mask bits (ReLU) is the
+    residual's gradient; dx, dgamma, dbeta are BN's for g (:func:`backward`'s formula).
+    Two passes: the gated sums (writing g), then dx. Returns (dx, d_residual, dgamma,
+    dbeta)."""
+    relu = _relu(act)
+    v, C, L = _flat(x, axis)
+    d = np.ascontiguousarray(dy, dtype=x.dtype).reshape(-1)
+    g, _ = _params(gamma, None, C)
+    mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
+    dr = _out(out_residual, v)
+    dbeta, p = _run(_gate_sums, v.size, threads, v, d, bits if relu else np.empty(0, np.uint8),
+                    dr, mean, C, L, relu, _parts())
+    dgamma = p * inv_std
+    view, last = _view(x, axis)
+    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, g, v.size // C, batch_stats)
+    dx = _out(out, view)
+    _call(view, last, threads, _cl_dx, _cf_dx, dr.reshape(view.shape), mean, A, B, D, dx,
+          np.ones(C), np.zeros(C), False)
+    return dx.reshape(x.shape), dr.reshape(x.shape), dgamma, dbeta

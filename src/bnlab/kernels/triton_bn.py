@@ -336,13 +336,15 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
-def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, inv_std_ptr, w_ptr, b_ptr,
-                      N, C, L, sN, sC, sL, TL, T, P,
+def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, inv_std_ptr, w_ptr, b_ptr, bits_ptr,
+                      dr_ptr, N, C, L, sN, sC, sL, TL, T, P,
                       BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
                       INT64: tl.constexpr, RELU: tl.constexpr, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr):
+                      HAS_B: tl.constexpr, MASKED: tl.constexpr):
     """Partial sums: part[0, p, c] = sum(dy), part[1, p, c] = sum(dy * (x - mean)); with
-    RELU, dy gated by the ReLU after BN (:func:`_gate`)."""
+    RELU, dy gated by the ReLU after BN (:func:`_gate`). MASKED (BN + add + ReLU): dy gated
+    by the saved 1-bit mask instead (bit i of bits[i // 8] for element i of memory), and the
+    gated dy (the residual's gradient) stored to dr."""
     c_block = tl.program_id(0)
     p = tl.program_id(1)
     cc, c_mask = _channels(c_block, C, BC)
@@ -357,6 +359,10 @@ def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, inv_std_ptr, w_ptr, b_p
         dy = tl.load(dy_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         dy = _gate(dy, x, hi, lo, za, zb, RELU)
+        if MASKED:
+            byte = tl.load(bits_ptr + (offset >> 3), mask=mask, other=0).to(tl.int32)
+            dy = tl.where(((byte >> (offset & 7).to(tl.int32)) & 1) != 0, dy, 0.0)
+            tl.store(dr_ptr + offset, dy.to(dr_ptr.dtype.element_ty), mask=mask)
         s1 += dy
         s2 += dy * tl.where(mask, (x - hi) - lo, 0.0)
     tl.store(part_ptr + p * C + cc, tl.sum(tl.sum(s1, axis=2), axis=0), mask=c_mask)
@@ -423,6 +429,38 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr, b_
         else:
             dx = dy * k1
         tl.store(dx_ptr + offset, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit  # n specialized: a multiple of 16 lets the loads be vectorized
+def _add_act_kernel(x_ptr, r_ptr, y_ptr, bits_ptr, mean_ptr, inv_std_ptr, w_ptr, b_ptr, n, C,
+                    L, BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    RELU: tl.constexpr, INT64: tl.constexpr):
+    """y = act(((x - hi) - lo) * (w * inv_std) + b + r) over BLOCK elements of memory (any
+    layout: element i is in channel (i // L) % C); with RELU the mask not y <= 0 as bits
+    (torch's ReLU backward passes dy where y > 0 or y is NaN), one byte
+    per 8 elements (BLOCK is a multiple of 8, so a program owns its bytes)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        i = i.to(tl.int64)
+    inside = i < n
+    c = (i // L) % C
+    hi, lo = _split(tl.load(mean_ptr + c, mask=inside, other=0.0))
+    scale = tl.load(inv_std_ptr + c, mask=inside, other=0.0)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=inside, other=1.0).to(tl.float32)
+    x = tl.load(x_ptr + i, mask=inside, other=0.0).to(tl.float32)
+    y = ((x - hi) - lo) * scale
+    if HAS_B:
+        y = y + tl.load(b_ptr + c, mask=inside, other=0.0).to(tl.float32)
+    y = y + tl.load(r_ptr + i, mask=inside, other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
+    tl.store(y_ptr + i, y.to(y_ptr.dtype.element_ty), mask=inside)
+    if RELU:
+        on = tl.reshape((~(y <= 0) & inside).to(tl.int32), (BLOCK // 8, 8))  # NaN: 1
+        byte = tl.sum(on << tl.arange(0, 8)[None, :], axis=1)
+        j = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)
+        tl.store(bits_ptr + j, byte.to(tl.uint8), mask=j < (n + 7) // 8)
 
 
 # --- host side -------------------------------------------------------------------------------
@@ -678,35 +716,103 @@ def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
 
 
 def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
-             act: str = "identity"):
+             act: str = "identity", bits=None):
     """Gradients of y = (x - mean) * inv_std * weight + bias, from (C,) mean (float64, as
     the forward returns it) and inv_std (float32); ``batch_stats``: mean and inv_std were
     x's own (training), so they depend on x. ``act="relu"``: the gradient of
-    ReLU(BN(x)) (``bias`` needed). Two launches (three with many parts).
+    ReLU(BN(x)) (``bias`` needed). ``bits``: the 1-bit ReLU mask of
+    :func:`add_act_forward` (BN + add + ReLU): dy is gated by it, and the gated dy is the
+    residual's gradient. Two launches (three with many parts).
 
-    Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta.
+    Returns dx (x's shape, dtype and memory format) and float32 (C,) dgamma, dbeta; with
+    ``bits``, (dx, d_residual, dgamma, dbeta).
     """
     x, dy, run = _prepare(x, dy)
     mean, inv_std, weight, bias = _vec(mean), _vec(inv_std), _vec(weight), _vec(bias)
     relu, has_w, has_b = _relu(act), weight is not None, bias is not None
+    masked = bits is not None
     batch_stats = bool(batch_stats)
     parts = torch.empty((2, run.P, run.C), dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x, memory_format=run.fmt)
+    dr = torch.empty_like(x, memory_format=run.fmt) if masked else None
     dgamma, dbeta = _stats_like(x), _stats_like(x)
-    plan = _plan("backward", x, dy, mean, inv_std, weight, bias, batch_stats, relu,
-                 _aligned(parts, dx, dgamma, dbeta))
+    plan = _plan("backward", x, dy, mean, inv_std, weight, bias, batch_stats, relu, masked,
+                 _aligned(parts, dx, dgamma, dbeta, *((bits, dr) if masked else ())))
     _go(plan, 0, _grad_sums_kernel, run.grid,
-        (dy, x, mean, parts, inv_std, weight, bias, *run.args, *run.tiles, relu, has_w,
-         has_b), run.num_warps)
+        (dy, x, mean, parts, inv_std, weight, bias, bits, dr, *run.args, *run.tiles, relu,
+         has_w, has_b, masked), run.num_warps)
     if not run.fused:
         grid, BC, PB = run.finalize
         _go(plan, 1, _finalize_grads_kernel, grid,
             (parts, inv_std, dgamma, dbeta, run.P, run.C, BC, PB))
     _go(plan, 1 + (not run.fused), _dx_kernel, run.grid,
-        (dy, x, dx, parts, mean, inv_std, weight, bias, dgamma, dbeta, *run.args,
-         float(run.m), *run.tiles, run.PB, run.fused, has_w, batch_stats, relu, has_b),
-        run.num_warps)
+        (dr if masked else dy, x, dx, parts, mean, inv_std, weight, bias, dgamma, dbeta,
+         *run.args, float(run.m), *run.tiles, run.PB, run.fused, has_w, batch_stats, relu,
+         has_b), run.num_warps)
+    if masked:
+        return dx, dr, dgamma, dbeta
     return dx, dgamma, dbeta
+
+
+ADD_BLOCK = 2048  # elements per program of the BN + add + ReLU pass (a multiple of 8)
+
+
+def add_act_forward(x, residual, weight, bias, eps: float, training: bool, mean=None,
+                    var=None, running_mean=None, running_var=None, num_batches_tracked=None,
+                    momentum: float = 0.1, act: str = "relu"):
+    """BN + add + activation, the tail of a ResNet block:
+
+        y = act((x - mean) / sqrt(var + eps) * weight + bias + residual)
+
+    Training: x's batch statistics (the statistics launches of :func:`moments`, with the
+    running-statistics update and its guard as in :func:`train_forward`); evaluation: the
+    given ``mean`` and ``var``. Then one pass over x and the residual writes y and, with
+    ReLU, its 1-bit mask (bit i of byte i // 8 for element i of x's memory), which
+    :func:`backward` takes as ``bits``.
+
+    Returns y (x's shape, dtype and memory format), mean (float64), inv_std (float32) and
+    the mask (uint8, ceil(numel / 8); None for "identity").
+    """
+    x, _, run = _prepare(x)
+    relu = _relu(act)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
+                         f"{tuple(residual.shape)}")
+    r = residual.to(x.dtype).contiguous(memory_format=run.fmt)
+    weight, bias = _vec(weight), _vec(bias)
+    if training:
+        rm, rv = _vec(running_mean), _vec(running_var)
+        update = rm is not None and rv is not None
+        has_nbt = update and num_batches_tracked is not None
+        parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
+        bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
+        mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
+        plan = _plan("add_stats", x, rm, rv, num_batches_tracked, has_nbt,
+                     _aligned(parts, bad, mean, var, inv_std))
+        _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles),
+            run.num_warps)
+        grid, BC, PB = run.finalize
+        _go(plan, 1, _finalize_stats_kernel, grid,
+            (x, parts, bad, mean, var, inv_std, rm, rv, num_batches_tracked, run.P, run.C,
+             run.strides[1], run.n_bad, float(run.m), float(eps), float(momentum),
+             run.m / max(run.m - 1, 1), BC, PB, run.BADB, update, has_nbt))
+        for buf, k in ((running_mean, rm), (running_var, rv)):
+            if buf is not k:
+                buf.copy_(k)
+    else:
+        inv_std = torch.div(1.0, torch.sqrt(var.detach().to(torch.float32) + float(eps)))
+        mean = mean.detach().to(torch.float64).contiguous()
+        inv_std = inv_std.contiguous()
+    y = torch.empty_like(x, memory_format=run.fmt)
+    n = x.numel()
+    bits = torch.empty((n + 7) // 8 if relu else 1, dtype=torch.uint8, device=x.device)
+    C = run.C
+    L = math.prod(x.shape[2:]) if run.fmt == torch.contiguous_format else 1
+    plan = _plan("add_act", x, r, weight, bias, relu, _aligned(y, bits, mean, inv_std))
+    _go(plan, 0, _add_act_kernel, (triton.cdiv(n, ADD_BLOCK),),
+        (x, r, y, bits, mean, inv_std, weight, bias, n, C, L, ADD_BLOCK, weight is not None,
+         bias is not None, relu, n >= 2**31), 8)
+    return y, mean, inv_std, bits if relu else None
 
 
 # --- pieces for distributed BN (bnlab.torch.SyncBatchNorm): local sums, global coefficients
@@ -738,8 +844,8 @@ def grad_sums(dy, x, mean):
     ones = torch.ones(run.C, dtype=torch.float32, device=x.device)  # inv_std = 1: raw sums
     plan = _plan("grad_sums", x, dy, mean, _aligned(parts, sum_dy, sum_dy_xmu, ones))
     _go(plan, 0, _grad_sums_kernel, run.grid,
-        (dy, x, mean, parts, None, None, None, *run.args, *run.tiles, False, False, False),
-        run.num_warps)
+        (dy, x, mean, parts, None, None, None, None, None, *run.args, *run.tiles, False, False,
+         False, False), run.num_warps)
     grid, BC, PB = run.finalize
     _go(plan, 1, _finalize_grads_kernel, grid,
         (parts, ones, sum_dy_xmu, sum_dy, run.P, run.C, BC, PB))

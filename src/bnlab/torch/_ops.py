@@ -103,6 +103,17 @@ def _output(x: Tensor, fmt: torch.memory_format) -> tuple[Tensor, np.ndarray]:
     return y, _view(y.permute(0, *range(2, y.dim()), 1))
 
 
+def _grad_views(dy: Tensor, x: Tensor):
+    """x and dy as NumPy views in x's memory format (dy may come in another layout, or
+    dtype), the channel axis, and dx allocated with its view: what the numba backward
+    passes take."""
+    fmt = memory_format(x)
+    xv, axis = _as_numpy(x, fmt)
+    dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
+    dx, dxv = _output(x, fmt)
+    return xv, dyv, axis, dx, dxv
+
+
 LARGE = 4 << 20  # bytes: outputs from here on come from _Outputs (NumPy's huge-page threshold)
 _HUGE = 2 << 20  # a transparent huge page
 
@@ -236,10 +247,7 @@ def eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
 def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
                   weight: Optional[Tensor], batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
     """dx, dgamma, dbeta (the last two float64, (C,))."""
-    fmt = memory_format(x)
-    xv, axis = _as_numpy(x, fmt)
-    dyv, _ = _as_numpy(dy.to(x.dtype), fmt)  # dy may come in another layout than x
-    dx, dxv = _output(x, fmt)
+    xv, dyv, axis, dx, dxv = _grad_views(dy, x)
     _, dgamma, dbeta = _numba().backward(dyv, xv, _own(mean), _own(inv_std), _vec(weight),
                                          axis, batch_stats, out=dxv, threads=_threads())
     return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
@@ -434,10 +442,7 @@ def dx_from_sums_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
                       weight: Optional[Tensor], sum_dy: Tensor, sum_dy_xmu: Tensor,
                       count: int) -> Tensor:
     """dx (batch statistics) from sums over ``count`` values per channel."""
-    fmt = memory_format(x)
-    xv, axis = _as_numpy(x, fmt)
-    dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
-    dx, dxv = _output(x, fmt)
+    xv, dyv, axis, dx, dxv = _grad_views(dy, x)
     _numba().dx_from_sums(dyv, xv, _own(mean), _own(inv_std), _vec(weight), _own(sum_dy),
                           _own(sum_dy_xmu), count, axis, out=dxv, threads=_threads())
     return dx
@@ -526,6 +531,13 @@ class EvalFunction(torch.autograd.Function):
         return (*_eval_grads(ctx, dy, ctx.engine.backward), None)
 
 
+def _given_stats(mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Evaluation's statistics for the numba passes: float64 copies of mean and
+    1 / sqrt(var + eps)."""
+    inv_std = torch.from_numpy(F.inv_std_of(_vec(var), eps, np.float64))
+    return mean.detach().to(_F64, copy=True), inv_std
+
+
 class ActFunction(torch.autograd.Function):
     """BN followed by an activation in the kernels' fused passes (``act`` "relu" or
     "identity"; BatchNormAct2d): training (batch statistics, running statistics updated
@@ -558,8 +570,7 @@ class ActFunction(torch.autograd.Function):
                     engine.update_running(running_mean, running_var, nbt, mean, var,
                                           count_per_channel(x), momentum)
             else:
-                inv_std = torch.from_numpy(F.inv_std_of(_vec(running_var), eps, np.float64))
-                mean = running_mean.detach().to(_F64, copy=True)
+                mean, inv_std = _given_stats(running_mean, running_var, eps)
                 _numba().inference(xv, mean.numpy(), inv_std.numpy(), w, b, axis, out=yv,
                                    threads=_threads(), act=act)
         _setup(ctx, x, weight, bias, mean, inv_std, eps)
@@ -572,10 +583,7 @@ class ActFunction(torch.autograd.Function):
             if ctx.engine == "triton":
                 return _triton().backward(dy, x, mean, inv_std, weight, batch_stats, bias,
                                           ctx.act)
-            fmt = memory_format(x)
-            xv, axis = _as_numpy(x, fmt)
-            dyv, _ = _as_numpy(dy.to(x.dtype), fmt)
-            dx, dxv = _output(x, fmt)
+            xv, dyv, axis, dx, dxv = _grad_views(dy, x)
             _, dgamma, dbeta = _numba().backward(dyv, xv, _own(mean), _own(inv_std),
                                                  _vec(weight), axis, batch_stats, out=dxv,
                                                  threads=_threads(), beta=_vec(bias),
@@ -588,3 +596,93 @@ class ActFunction(torch.autograd.Function):
 def count_per_channel(x: Tensor) -> int:
     """m, the number of values per channel."""
     return x.numel() // x.shape[1]
+
+
+def unpack_mask(bits: Tensor, x: Tensor) -> Tensor:
+    """The 1-bit mask of BN + add + ReLU (bit i of byte i // 8: element i of x's memory) as
+    a bool tensor like x (for the differentiable backward)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:x.numel()].bool()
+    fmt = memory_format(x)
+    if fmt == torch.contiguous_format:
+        return flat.reshape(x.shape)
+    # channels-last memory is (N, *spatial, C) in C order
+    return flat.reshape(x.shape[0], *x.shape[2:], x.shape[1]).permute(
+        0, x.dim() - 1, *range(1, x.dim() - 1))
+
+
+class AddActFunction(torch.autograd.Function):
+    """``act(BN(x) + residual)`` in one pass (BatchNormAddAct2d; ``act`` "relu" or
+    "identity"): training (batch statistics, running statistics updated with the guard of
+    :func:`bnlab.torch.engine.update_running`) or evaluation (the given statistics). The
+    forward keeps the ReLU's mask as bits, so the backward reads x, dy and the bits, never
+    y: g = dy where not y <= 0 (torch's ReLU backward) is the residual's gradient, and dx, dweight, dbias are BN's for
+    g. Eager mode; ``engine_name`` "numba" (CPU float32/64) or "triton"; residual of x's
+    shape and dtype."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running_mean, running_var, nbt, eps, momentum,
+                training, act, engine_name="numba"):
+        ctx.training, ctx.act, ctx.engine = training, act, engine_name
+        if engine_name == "triton":
+            stats = (None, None, running_mean, running_var) if training else \
+                (running_mean, running_var, None, None)
+            y, mean, inv_std, bits = _triton().add_act_forward(
+                x, residual, weight, bias, eps, training, *stats, nbt,
+                engine.momentum_of(momentum, nbt), act)
+        else:
+            nb = _numba()
+            fmt = memory_format(x)
+            xv, axis = _as_numpy(x, fmt)
+            rv_, _ = _as_numpy(residual, fmt)
+            y, yv = _output(x, fmt)
+            if training:
+                mean_np, var_np = nb.moments(xv, axis, threads=_threads())
+                mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
+                inv_std = torch.from_numpy(F.inv_std_of(var_np, eps, np.float64))
+                if running_mean is not None:
+                    engine.update_running(running_mean, running_var, nbt, mean, var,
+                                          count_per_channel(x), momentum)
+            else:
+                mean, inv_std = _given_stats(running_mean, running_var, eps)
+            bits = torch.empty((x.numel() + 7) // 8 if act == "relu" else 0,
+                               dtype=torch.uint8)  # 1 bit per element
+            nb.add_act_forward(xv, mean.numpy(), inv_std.numpy(), _vec(weight), _vec(bias),
+                               rv_, axis, out=yv, bits=bits.numpy(), threads=_threads(),
+                               act=act)
+            if act != "relu":
+                bits = None
+        _setup(ctx, x, weight, bias, mean, inv_std, eps)
+        ctx.bits = bits
+        ctx.residual_dtype = residual.dtype
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 12
+        x, weight, bias, mean, inv_std = ctx.saved_tensors
+        bits = ctx.bits
+        if graph_wanted(dy):  # differentiable: the mask is a constant of the gradient
+            g = dy if bits is None else torch.where(unpack_mask(bits, x), dy, dy.new_zeros(()))
+            dx, dgamma, dbeta = reference.grads(g, x, weight, bias, ctx.eps, ctx.training,
+                                                mean, inv_std)
+            dr = g
+        elif bits is None:  # identity: the residual's gradient is dy itself
+            dx, dgamma, dbeta = ENGINES[ctx.engine].backward(dy, x, mean, inv_std, weight,
+                                                             ctx.training)
+            dr = dy
+        elif ctx.engine == "triton":
+            dx, dr, dgamma, dbeta = _triton().backward(dy, x, mean, inv_std, weight,
+                                                       ctx.training, bits=bits)
+        else:
+            xv, dyv, axis, dx, dxv = _grad_views(dy, x)
+            dr, drv = _output(x, memory_format(x))
+            _, _, dg, db = _numba().add_act_backward(
+                dyv, xv, bits.numpy(), _own(mean), _own(inv_std), _vec(weight), axis,
+                ctx.training, out=dxv, out_residual=drv, threads=_threads(), act="relu")
+            dgamma, dbeta = torch.from_numpy(dg), torch.from_numpy(db)
+        dweight = None if ctx.weight_dtype is None else dgamma.to(ctx.weight_dtype)
+        dbias = None if ctx.bias_dtype is None else dbeta.to(ctx.bias_dtype)
+        return (dx, dr.to(ctx.residual_dtype), dweight, dbias) + (None,) * 8

@@ -159,7 +159,21 @@ class BatchRenorm2d(_Renorm, _BatchNorm, torch.nn.BatchNorm2d):
 # --- BN + activation ---------------------------------------------------------------------------
 
 
-class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
+class _Activated:
+    """BatchNorm2d's arguments with ``act`` second ("relu" or "identity"; timm's order)."""
+
+    def __init__(self, num_features, act: str = "relu", eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None):
+        BF._check_act(act)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype)
+        self.act = act
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", act={self.act!r}"
+
+
+class BatchNormAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
     """``torch.nn.BatchNorm2d`` followed by an activation (``act``: "relu" or "identity"),
     fused into the kernels' passes in eager mode (:class:`bnlab.torch._ops.ActFunction`:
     numba on CPU float32/float64, Triton on CUDA); under ``torch.compile`` or for inputs the
@@ -169,13 +183,6 @@ class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
     Example:
         >>> layer = BatchNormAct2d(16)      # replaces BatchNorm2d(16) followed by ReLU()
     """
-
-    def __init__(self, num_features, act: str = "relu", eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
-        BF._check_act(act)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype)
-        self.act = act
 
     def _scripted_act(self, y: torch.Tensor) -> torch.Tensor:
         """The activation after BN (TorchScript's path calls it too)."""
@@ -194,8 +201,50 @@ class BatchNormAct2d(_BatchNorm, torch.nn.BatchNorm2d):
         return _ops.ActFunction.apply(input, self.weight, self.bias, rm, rv, nbt, self.eps,
                                       momentum, bn_training, self.act, name)
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", act={self.act!r}"
+
+class BatchNormAddAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
+    """BN, a residual added, then an activation, in one pass: the tail of a ResNet block,
+
+        y = act(BN(x) + residual)          act: "relu" (default) or "identity"
+
+    ``forward(x, residual)``, residual of x's shape. On the kernels' engines (numba for CPU
+    float32/float64, Triton for CUDA; :mod:`bnlab.torch.engine`) the forward reads x and
+    the residual once (after the statistics) and keeps the ReLU's mask as one bit per
+    element; the backward reads x, dy and those bits, never y
+    (:class:`bnlab.torch._ops.AddActFunction`). A residual of another shape, dtype or
+    device, ``torch.compile``, and the other engines run bnlab's BN, then ``+`` and the
+    activation in torch (torch's broadcasting and type promotion, or torch's error). State
+    dict, arguments and attributes are BatchNorm2d's; :func:`bnlab.torch.fuse` puts these in
+    a model.
+
+    Example:
+        >>> layer = BatchNormAddAct2d(64)
+        >>> out = layer(conv2(h), identity)   # relu(bn2(conv2(h)) + identity)
+    """
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles only this branch
+            return self._add_act(self._scripted(input, None), residual)
+        self._check_input_dim(input)
+        bn_training, rm, rv, nbt, momentum = self._bn_args()
+        engine.check_eps(self.eps, bn_training)
+        name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias),
+                             update=nbt is not None)
+        if bn_training:
+            engine.verify_batch_size(input)
+        fused = (name in _ops.ENGINES and not torch.compiler.is_compiling()
+                 and isinstance(residual, torch.Tensor) and residual.shape == input.shape
+                 and residual.dtype == input.dtype and residual.device == input.device)
+        if not fused:
+            return self._add_act(F.run(name, input, rm, rv, self.weight, self.bias,
+                                       bn_training, momentum, self.eps, nbt), residual)
+        return _ops.AddActFunction.apply(input, residual, self.weight, self.bias, rm, rv, nbt,
+                                         self.eps, momentum, bn_training, self.act, name)
+
+    def _add_act(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """act(y + residual) in torch operations (TorchScript's path and the unfused one)."""
+        z = y + residual
+        return torch.relu(z) if self.act == "relu" else z
 
 
 # --- frozen BN --------------------------------------------------------------------------------
