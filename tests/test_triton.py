@@ -228,7 +228,10 @@ def test_gpu_bench_and_check_script_dry_run(tmp_path, monkeypatch, capsys):
     bench = json.loads((tmp_path / "bench-gpu.json").read_text())
     (row,) = bench["rows"]
     assert row["case"] == "6x5x7x9 float16 NHWC"
-    assert set(row["copy_times"]) == {"train/torch", "train/bnlab", "infer/torch", "infer/bnlab"}
+    assert set(row["copy_times"]) == {"train/torch", "train/bnlab", "train/auto", "infer/torch",
+                                      "infer/bnlab", "infer/auto"}
+    # float16 on CPU: torch's kernel (on CUDA auto weighs Triton against it by measurement)
+    assert row["auto_engine"] == {"train": "native", "infer": "native"}  # float16 on CPU
     assert "train torch" in (tmp_path / "bench-gpu.txt").read_text()
 
 

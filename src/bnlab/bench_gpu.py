@@ -6,7 +6,10 @@ before every call):
 * ``copy``: ``dst.copy_(x)``, a same-size device-to-device copy (one read + one write):
   the bandwidth yardstick. Times are reported in copy-times;
 * ``torch``: ``torch.nn.BatchNorm1d/2d`` (cuDNN or ATen, whichever torch picks);
-* ``bnlab``: ``bnlab.torch.BatchNorm1d/2d`` with the same state (the Triton kernels).
+* ``bnlab``: ``bnlab.torch.BatchNorm1d/2d`` with the same state, forced to the Triton kernels;
+* ``auto``: the same module with ``backend="auto"``: Triton where the committed measurements
+  (:mod:`bnlab.torch.measured`) say it is faster, else torch's kernel with bnlab's guard;
+  the row says which engine it ran (``auto_engine``).
 
 "train" is the training forward (batch statistics, running-statistics update) and the
 backward through autograd, as a user calls it (``torch.autograd.grad`` of y with respect to
@@ -28,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 from .bench import write_json  # noqa: F401  (re-exported for the CLI)
+from .torch import engine
 
 
 class GpuCase(NamedTuple):
@@ -91,7 +95,9 @@ def _modules(case: GpuCase, device: str):
     ours = getattr(bt, cls)(C).to(device)
     ours.load_state_dict(theirs.state_dict())
     ours.backend = "triton"
-    return theirs, ours
+    auto = copy.deepcopy(ours)
+    auto.backend = "auto"
+    return theirs, ours, auto
 
 
 def case_tensors(case: GpuCase, device: str):
@@ -110,7 +116,8 @@ def bench_case(case: GpuCase, device: str = "cuda", rep_ms: int = 100) -> dict:
     x, dy = case_tensors(case, device)
     dst = torch.empty_like(x)
     seconds = {"copy": timer(lambda: dst.copy_(x))}
-    for name, module in zip(("torch", "bnlab"), _modules(case, device)):
+    modules = _modules(case, device)
+    for name, module in zip(("torch", "bnlab", "auto"), modules):
         xx = x.detach().requires_grad_()
         wrt = (xx, module.weight, module.bias)
 
@@ -130,6 +137,12 @@ def bench_case(case: GpuCase, device: str = "cuda", rep_ms: int = 100) -> dict:
            "copy_times": {k: v / seconds["copy"] for k, v in seconds.items() if k != "copy"}}
     for op in ("train", "infer"):
         row[f"{op}_bnlab_vs_torch"] = seconds[f"{op}/bnlab"] / seconds[f"{op}/torch"]
+        row[f"{op}_auto_vs_torch"] = seconds[f"{op}/auto"] / seconds[f"{op}/torch"]
+    auto = modules[2]
+    params = (auto.running_mean, auto.running_var, auto.weight, auto.bias)
+    row["auto_engine"] = {op: engine.select("auto", x, params, update=op == "train",
+                                            training=op == "train")
+                          for op in ("train", "infer")}
     return row
 
 
@@ -166,7 +179,8 @@ def meets_targets(row: dict) -> dict:
     l2 = row["bytes"] <= 32 * 2**20
     return {"train": ct["train/bnlab"] <= TARGETS["train_l2" if l2 else "train"],
             "infer": ct["infer/bnlab"] <= TARGETS["infer"],
-            "not_slower": row["train_bnlab_vs_torch"] <= 1.0 and row["infer_bnlab_vs_torch"] <= 1.0}
+            "not_slower": row["train_bnlab_vs_torch"] <= 1.0 and row["infer_bnlab_vs_torch"] <= 1.0,
+            "auto_not_slower": row["train_auto_vs_torch"] <= 1.0 and row["infer_auto_vs_torch"] <= 1.0}
 
 
 def run(device: str = "cuda", cases=None, rep_ms: int = 100, progress: bool = True,
@@ -191,16 +205,21 @@ def run(device: str = "cuda", cases=None, rep_ms: int = 100, progress: bool = Tr
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'case':32s}{'copy us':>9s}{'train torch':>12s}{'train bnlab':>12s}"
-            f"{'ratio':>7s}{'infer torch':>12s}{'infer bnlab':>12s}{'ratio':>7s}")
+    head = (f"{'case':32s}{'copy us':>9s}{'train torch':>12s}{'bnlab':>7s}{'auto':>7s}"
+            f"{'ratio':>7s}{'infer torch':>12s}{'bnlab':>7s}{'auto':>7s}{'ratio':>7s}  auto ran")
     lines = ["times in copy-times (1.0 = a device-to-device copy of the same tensor); "
-             "ratio = bnlab/torch (< 1: bnlab faster)", head, "-" * len(head)]
+             "bnlab = forced Triton, auto = backend='auto'; ratio = auto/torch (<= 1: never "
+             "slower)", head, "-" * len(head)]
     for r in result["rows"]:
         ct = r["copy_times"]
+        ran = r.get("auto_engine", {})
         lines.append(f"{r['case']:32s}{r['seconds']['copy'] * 1e6:9.1f}"
-                     f"{ct['train/torch']:12.2f}{ct['train/bnlab']:12.2f}"
-                     f"{r['train_bnlab_vs_torch']:7.2f}{ct['infer/torch']:12.2f}"
-                     f"{ct['infer/bnlab']:12.2f}{r['infer_bnlab_vs_torch']:7.2f}")
+                     f"{ct['train/torch']:12.2f}{ct['train/bnlab']:7.2f}"
+                     f"{ct.get('train/auto', float('nan')):7.2f}"
+                     f"{r.get('train_auto_vs_torch', float('nan')):7.2f}{ct['infer/torch']:12.2f}"
+                     f"{ct['infer/bnlab']:7.2f}{ct.get('infer/auto', float('nan')):7.2f}"
+                     f"{r.get('infer_auto_vs_torch', float('nan')):7.2f}  "
+                     f"{ran.get('train', '-')}/{ran.get('infer', '-')}")
     env = result["environment"]
     lines.append(f"\n{env.get('gpu', env['device'])}, torch {env['torch']}, Triton "
                  f"{env['triton']}, driver {env.get('driver')}, cuDNN {env.get('cudnn')}; "

@@ -92,7 +92,7 @@ class _BatchNorm:
             mask = _check_mask(mask, input) if bn_training else None
         name = engine.select(self.backend, input,
                              (running_mean, running_var, self.weight, self.bias), mask=mask,
-                             update=nbt is not None)
+                             update=nbt is not None, training=bn_training)
         return F.run(name, input, running_mean, running_var, self.weight, self.bias,
                      bn_training, momentum, self.eps, nbt, mask)
 

@@ -32,6 +32,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import kernels
+from ..kernels.torch_layout import memory_format
 
 BACKENDS = ("auto", "numba", "triton", "reference", "native")
 
@@ -55,11 +56,12 @@ class Rule:
     transforms: bool
     mask: bool
     note: str
+    measured: bool = False  # auto picks it only where measured faster than torch's kernel
 
 
 RULES = (
     Rule("triton", ("cuda",), (torch.float32, *_HALF), "x or float32", "triton", False, False,
-         "statistics in float32 by Welford/Chan merges"),
+         "statistics in float32 by Welford/Chan merges", measured=True),
     Rule("numba", ("cpu",), (torch.float32, torch.float64), "x", "numba", False, False,
          "statistics accumulated in float64"),
     Rule("reference", ("cpu", "cuda"), _FLOAT, "any", None, True, True,
@@ -77,7 +79,8 @@ def table() -> str:
     name = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
             torch.bfloat16: "bfloat16"}
     for r in RULES:
-        rows.append(f"| `{r.engine}` | {' and '.join(r.devices)} tensors | "
+        where = " where measured faster than torch's kernel" if r.measured else ""
+        rows.append(f"| `{r.engine}` | {' and '.join(r.devices)} tensors{where} | "
                     f"{', '.join(name[d] for d in r.dtypes)} | {r.param_dtypes} | "
                     f"{'yes' if r.mask else 'no'} | {'yes' if r.transforms else 'no'} | "
                     f"{r.note} |")
@@ -171,17 +174,43 @@ def _refusal(rule: Rule, x: torch.Tensor, params, forced: bool) -> str | None:
     return None
 
 
+def faster_on_cuda(training: bool, x: torch.Tensor) -> bool:
+    """bnlab's Triton kernels were measured faster than torch's kernel for inputs like x
+    (:data:`bnlab.torch.measured.MEASURED`, a committed GPU bench run): among the
+    measurements of x's mode (training step or inference), layout and dtype, the nearest
+    one at x's size or below is a win, and so is the nearest one at or above it (if any).
+    Between a loss and a win, below the smallest measurement, and for anything not
+    measured, torch's kernel: ``auto`` is never slower than torch where it is known, and
+    torch where it is not."""
+    from .measured import MEASURED
+
+    mode = "train" if training else "infer"
+    spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
+    first = memory_format(x) == torch.contiguous_format and x.dim() >= 3 and spatial > 1
+    kind = (mode, "channels_first" if first else "channels_last",
+            str(x.dtype).removeprefix("torch."))
+    rows = sorted((m, ratio < 1.0) for *k, m, ratio in MEASURED if tuple(k) == kind)
+    n = x.numel()
+    below = [win for m, win in rows if m <= n]
+    above = [win for m, win in rows if m >= n]
+    return bool(below) and below[-1] and (not above or above[0])
+
+
 def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
-           mask: torch.Tensor | None = None, update: bool = False) -> str:
+           mask: torch.Tensor | None = None, update: bool = False,
+           training: bool = True, measured: bool = True) -> str:
     """The engine for a call on ``x`` with ``params`` = (running_mean, running_var, weight,
     bias) as they are passed (None where not used); ``update``: the call updates running
-    statistics.
+    statistics; ``training``: batch statistics (for :func:`faster_on_cuda`); ``measured``:
+    False where only bnlab's kernels can run the call (SyncBatchNorm's collectives), so
+    ``auto`` does not weigh Triton against torch's kernel.
 
     ``auto``: the reference with ``mask`` or under transforms (there, torch's kernel if
     running statistics are updated: a transform cannot mutate buffers, and torch raises
     its own error for it); else the first rule of
-    :data:`RULES` that takes the input and whose package imports, torch's kernel for
-    anything else (so the error for an input torch rejects is torch's own). A forced
+    :data:`RULES` that takes the input, whose package imports and (Triton) that was
+    measured faster than torch's kernel for such input (:func:`faster_on_cuda`); torch's
+    kernel for anything else (so the error for an input torch rejects is torch's own). A forced
     backend returns itself or raises.
     """
     if backend not in BACKENDS:
@@ -198,6 +227,8 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
             return "native"
         for rule in RULES[:2]:
             if x.device.type in rule.devices and _refusal(rule, x, params, False) is None:
+                if rule.measured and measured and not faster_on_cuda(training, x):
+                    continue  # torch's kernel is faster here: native, with bnlab's guard
                 if available(rule.engine):
                     return rule.engine
                 _warn_missing(rule.engine)

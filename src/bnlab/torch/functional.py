@@ -146,5 +146,5 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError("momentum=None (a cumulative average) needs a module's "
                         "num_batches_tracked; pass a number to the functional form")
     name = engine.select(backend, input, (running_mean, running_var, weight, bias),
-                         update=training and running_mean is not None)
+                         update=training and running_mean is not None, training=training)
     return run(name, input, running_mean, running_var, weight, bias, training, momentum, eps)

@@ -175,7 +175,7 @@ class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
         params = (self.running_mean if update else None, self.running_var if update else None,
                   self.weight, self.bias)
         if input.numel():
-            name = engine.select(self.backend, input, params)
+            name = engine.select(self.backend, input, params, measured=False)
             if name not in _ops.ENGINES:
                 raise TypeError(
                     f"SyncBatchNorm runs bnlab's kernels: CPU float32/float64 or CUDA "

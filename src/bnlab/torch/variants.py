@@ -193,7 +193,8 @@ class BatchNormAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
         self._check_input_dim(input)
         bn_training, rm, rv, nbt, momentum = self._bn_args()
         engine.check_eps(self.eps, bn_training)
-        name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias))
+        name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias),
+                             training=bn_training)
         if name not in _ops.ENGINES or torch.compiler.is_compiling():
             return self._scripted_act(super()._forward(input))
         if bn_training:
@@ -229,7 +230,7 @@ class BatchNormAddAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
         bn_training, rm, rv, nbt, momentum = self._bn_args()
         engine.check_eps(self.eps, bn_training)
         name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias),
-                             update=nbt is not None)
+                             update=nbt is not None, training=bn_training)
         if bn_training:
             engine.verify_batch_size(input)
         fused = (name in _ops.ENGINES and not torch.compiler.is_compiling()
