@@ -236,3 +236,23 @@ def test_fuse_shares_parameters_with_the_model():
     assert bn.running_mean is model.layer1[0].bn2.running_mean
     model.eval()
     assert bt.fuse(model).training is False
+
+
+def test_the_end_to_end_gpu_script_dry_run(tmp_path):
+    """tools/gpu_e2e.py on CPU with tiny batches: every model, precision and variant runs,
+    and the first step's loss agrees with torch's (the GPU run measures the real sizes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": "src"}
+    out = subprocess.run([sys.executable, "tools/gpu_e2e.py", "--device", "cpu", "--tiny",
+                          "--steps", "1", "--warmup", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_e2e.json").read_text())
+    assert result["failed"] == [] and result["skipped"] == []
+    seen = {(r["model"], r["precision"], r["variant"]) for r in result["rows"]}
+    assert len(seen) == 2 * 2 * 3
+    assert all(r["losses_agree"] and r["images_per_s"] > 0 for r in result["rows"])
