@@ -13,7 +13,10 @@ card, driver and versions, row by row, so a run cut short keeps what it measured
     PYTHONPATH=src python tools/gpu_e2e.py --device cpu --tiny --out /tmp/e2e   # dry run
 
 Configurations run most important first (ResNet-50 eager, then the seed CNN, then
-compiled); what does not fit in ``--budget`` seconds is listed under ``skipped``.
+compiled); what does not fit in ``--budget`` seconds is listed under ``skipped``. First, on
+CUDA, ``capture``: a training step captured with ``torch.cuda.graph`` and one under
+``torch.compile(mode="reduce-overhead")`` replayed against eager steps (weights and running
+statistics after replay).
 """
 
 from __future__ import annotations
@@ -108,6 +111,73 @@ def run_config(model, batch, precision, variant, mode, device, steps, warmup, ti
             "losses": losses}
 
 
+def capture_check(device, steps: int = 5) -> dict:
+    """A converted and fused seed CNN's training step (forward, backward, SGD) captured with
+    ``torch.cuda.graph`` and replayed ``steps`` times, and the same model stepped under
+    ``torch.compile(mode="reduce-overhead")``, against eager steps on the same batches:
+    weights and every BN buffer after the steps (the running statistics are updated by
+    the captured kernels on replay)."""
+    import bnlab.torch as bt
+    from bnlab.torch import models
+
+    def fresh():
+        torch.manual_seed(0)
+        net = bt.fuse(bt.convert(models.seed_cnn())).to(device)
+        return net, torch.optim.SGD(net.parameters(), lr=0.05)
+
+    data = batches(steps, 64, (1, 28, 28), 10, device, torch.contiguous_format)
+
+    def eager_state():
+        net, opt = fresh()
+        for x, y in data:
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        return net.state_dict()
+
+    def compare(state, want):
+        return max(float((state[k].double() - v.double()).abs().max()) for k, v in want.items())
+
+    want = eager_state()
+    out = {}
+    # torch.cuda.graph: warm up on a side stream, capture one step, replay on copied batches
+    net, opt = fresh()
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps compile the kernels; then start over
+        for _ in range(2):
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.cross_entropy(net(static_x), static_y).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    net, opt = fresh()
+    opt.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = torch.nn.functional.cross_entropy(net(static_x), static_y)
+        loss.backward()
+        opt.step()
+    net2, opt2 = fresh()  # the capture ran nothing: replay from the initial state
+    net.load_state_dict(net2.state_dict())
+    for x, y in data:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        opt.zero_grad(set_to_none=False)
+        graph.replay()
+    torch.cuda.synchronize()
+    out["cuda_graph_max_abs_diff"] = compare(net.state_dict(), want)
+    # torch.compile(mode="reduce-overhead") (CUDA graphs through inductor)
+    net, opt = fresh()
+    step = torch.compile(lambda x: net(x), mode="reduce-overhead")
+    for x, y in data:
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(step(x), y).backward()
+        opt.step()
+    out["reduce_overhead_max_abs_diff"] = compare(net.state_dict(), want)
+    out["ok"] = all(v <= 1e-4 for k, v in out.items() if k.endswith("diff"))
+    return out
+
+
 def configs(tiny: bool, device):
     models_ = ("resnet50", "seed_cnn")
     sizes = (4,) if tiny else (128, 256)
@@ -164,6 +234,14 @@ def main(argv=None) -> int:
     result = {"environment": environment(args.device), "steps": args.steps,
               "warmup": args.warmup, "rows": [], "skipped": [], "failed": []}
     start = time.perf_counter()
+    if device.type == "cuda":
+        try:
+            result["capture"] = capture_check(device)
+        except Exception as e:  # noqa: BLE001 - recorded: capture is one of the checks
+            result["capture"] = {"ok": False, "error": repr(e)[:1000]}
+        write_json(result, out / "gpu_e2e.json")
+    else:
+        result["capture"] = {"skipped": "needs CUDA"}
     for model, batch, precision, mode in configs(args.tiny, device):
         for variant in VARIANTS:
             name = f"{model} b{batch} {precision} {variant} {mode}"
@@ -183,7 +261,7 @@ def main(argv=None) -> int:
             write_json(result, out / "gpu_e2e.json")
     write_json(result, out / "gpu_e2e.json")
     bad = [r for r in result["rows"] if r.get("losses_agree") is False]
-    return 1 if bad or result["failed"] else 0
+    return 1 if bad or result["failed"] or result["capture"].get("ok") is False else 0
 
 
 if __name__ == "__main__":
