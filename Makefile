@@ -1,20 +1,22 @@
 # The two commands: `make demo` and `make test`. Both create and reuse .venv.
-# The demo needs only bnlab itself; the tests add pytest, hypothesis and the pinned
-# PyTorch reference (the `test` extra). Each stamp remembers what was installed.
+# The demo installs bnlab with its lab extra (data, plots, progress bars); the tests add the
+# test extra (pytest, hypothesis, the pinned PyTorch reference, Triton, Selenium) and the dev
+# extra (build, ruff, mypy, MkDocs), and check the wheel, the docs site, lint and types.
+# Each stamp remembers what was installed.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test clean
+.PHONY: demo test check lint types docs docs-strict check-wheel clean
 
 $(VENV)/.installed-demo: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[lab]"
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,dev]"
 	touch $@ $(VENV)/.installed-demo
 
 demo: $(VENV)/.installed-demo
@@ -22,6 +24,29 @@ demo: $(VENV)/.installed-demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory check
+
+# what `make test` checks besides the tests (each also runs alone)
+check: lint types docs-strict check-wheel
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check src
+	$(VENV)/bin/ruff format --check src
+
+types: $(VENV)/.installed-test
+	$(VENV)/bin/mypy
+
+# the API site, offline, into site/ (open site/index.html)
+docs: $(VENV)/.installed-test
+	$(PY) tools/import_graph.py --svg docs/architecture-imports.svg
+	$(VENV)/bin/mkdocs build --quiet
+
+# the same, failing on any warning (a broken reference, a missing page): what CI runs
+docs-strict: $(VENV)/.installed-test
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+check-wheel: $(VENV)/.installed-test
+	$(PY) tools/check_wheel.py --work build/wheel-check
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

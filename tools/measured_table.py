@@ -27,8 +27,9 @@ def render(result: dict, source: str) -> str:
         for n in r["shape"]:
             numel *= n
         for mode in ("train", "infer"):
-            rows.append(f"    ({mode!r}, {LAYOUT[r['case'].split()[-1]]!r}, {r['dtype']!r}, "
-                        f"{numel}, {r[f'{mode}_bnlab_vs_torch']:.3f}),  # {r['case']}")
+            key = ", ".join(json.dumps(v) for v in (mode, LAYOUT[r["case"].split()[-1]],
+                                                    r["dtype"]))
+            rows.append(f"    ({key}, {numel}, {r[f'{mode}_bnlab_vs_torch']:.3f}),  # {r['case']}")
     gpu = f"{env.get('gpu')}, torch {env.get('torch')}, Triton {env.get('triton')}, " \
           f"cuDNN {env.get('cudnn')}, driver {env.get('driver')}"
     return (f'''"""Where bnlab's Triton kernels are faster than torch's batch norm on CUDA, as measured.

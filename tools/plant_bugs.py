@@ -102,7 +102,8 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "    if training and not eps > 0:", "    if False:",
      "tests/test_engine_matrix.py -k eps"),
     ("double backward: the kernels' first derivative, detached", "src/bnlab/torch/_ops.py",
-     "    if graph_wanted(dy):", "    if False:",
+     "    if graph_wanted(dy):\n        dx, dgamma, dbeta = reference.grads(\n",
+     "    if False:\n        dx, dgamma, dbeta = reference.grads(\n",
      "tests/test_torch_derivatives.py -k penalty"),
     ("outputs in NumPy-owned storage", "src/bnlab/torch/_ops.py",
      "    y = OUTPUTS.empty(x.shape, x.dtype, fmt)\n",
@@ -126,15 +127,15 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "    mean = (xc * keep).sum(dims) / count",
      "tests/test_variants.py -k padding"),
     ("fold_batchnorm: a conv called twice folded twice", "src/bnlab/torch/variants.py",
-     "                and calls[prev.target] == 1 and calls[node.target] == 1\n", "",
+     "            and calls[prev.target] == 1\n            and calls[node.target] == 1\n", "",
      "tests/test_variants.py -k twice"),
     ("renorm: the renorm averages outside the guard", "src/bnlab/torch/variants.py",
-     "                              extra=((self.renorm_mean, mean, w),\n"
-     "                                     (self.renorm_std, torch.from_numpy(sigma_b), w)))",
-     "                              )\n        with torch.no_grad():\n"
+     "            extra=((self.renorm_mean, mean, w), (self.renorm_std, torch.from_numpy(sigma_b), "
+     "w)),\n        )\n",
+     "        )\n        with torch.no_grad():\n"
      "            self.renorm_mean.mul_(1 - w).add_(w * mean.to(self.renorm_mean))\n"
      "            self.renorm_std.mul_(1 - w).add_(w * torch.from_numpy(sigma_b).to("
-     "self.renorm_std))",
+     "self.renorm_std))\n",
      "tests/test_engine_matrix.py -k BatchRenorm2d-auto-f32-contiguous"),
     ("triton: NaN batch updates the running statistics", "src/bnlab/kernels/triton_bn.py",
      "other=0)) == 0\n", "other=0)) >= 0\n", "tests/test_triton.py -k nonfinite"),
@@ -155,19 +156,8 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "src/bnlab/experiments/torch_train.py", "(loss_sum * (world / B)).backward()",
      "(loss_sum / (hi - lo)).backward()", "tests/test_distributed.py -k nproc_2"),
     ("batch renorm: averages updated before r and d are computed", "src/bnlab/nn/variants.py",
-     "        y, cache = F.batch_renorm_forward(x, gamma, beta, self.eps, self.axis,\n"
-     "                                          self.renorm_mean, self.renorm_std, self.rmax,\n"
-     "                                          self.dmax)\n"
-     "        bn = cache.bn\n"
-     "        F.update_renorm_stats(self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std,\n"
-     "                              self.renorm_momentum)\n",
-     "        m0, v0 = F.moments(x, axes=[a for a in range(x.ndim) if a != self.axis % x.ndim])\n"
-     "        F.update_renorm_stats(self.renorm_mean, self.renorm_std, m0, np.sqrt(v0 + self.eps),\n"
-     "                              self.renorm_momentum)\n"
-     "        y, cache = F.batch_renorm_forward(x, gamma, beta, self.eps, self.axis,\n"
-     "                                          self.renorm_mean, self.renorm_std, self.rmax,\n"
-     "                                          self.dmax)\n"
-     "        bn = cache.bn\n",
+     '        y, cache = F.batch_renorm_forward(\n            x,\n            gamma,\n            beta,\n            self.eps,\n            self.axis,\n            self.renorm_mean,\n            self.renorm_std,\n            self.rmax,\n            self.dmax,\n        )\n        bn = cache.bn\n        F.update_renorm_stats(\n            self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std, self.renorm_momentum\n        )\n',
+     '        m0, v0 = F.moments(x, axes=[a for a in range(x.ndim) if a != self.axis % x.ndim])\n        F.update_renorm_stats(\n            self.renorm_mean, self.renorm_std, m0, np.sqrt(v0 + self.eps), self.renorm_momentum\n        )\n        y, cache = F.batch_renorm_forward(\n            x,\n            gamma,\n            beta,\n            self.eps,\n            self.axis,\n            self.renorm_mean,\n            self.renorm_std,\n            self.rmax,\n            self.dmax,\n        )\n        bn = cache.bn\n',
      "tests/test_keras_fixtures.py"),
     ("mask: masked-out positions get the batch-statistics gradient", "src/bnlab/functional.py",
      "dx = scale * dyc - np.where(cache.mask, through_stats, 0)", "dx = scale * dyc - through_stats",
@@ -197,16 +187,19 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
      "return bool(below) and below[-1]", "tests/test_engine_auto.py"),
     ("auto on CUDA: the table not regenerated from the bench run",
      "src/bnlab/torch/measured.py",
-     "('train', 'channels_last', 'float16', 51380224, 1.899)",
-     "('train', 'channels_last', 'float16', 51380224, 0.899)", "tests/test_engine_auto.py"),
+     '("train", "channels_last", "float16", 51380224, 1.899)',
+     '("train", "channels_last", "float16", 51380224, 0.899)', "tests/test_engine_auto.py"),
+    ("BN + add + ReLU: double backward through the kernels' detached gradient",
+     "src/bnlab/torch/_ops.py", "        if graph_wanted(dy):  # differentiable",
+     "        if False:  # differentiable", "tests/test_fused.py -k second"),
     ("doctor: torch.load may unpickle any object", "src/bnlab/experiments/checkup.py",
      'obj = torch.load(path, map_location="cpu", weights_only=True)',
      'obj = torch.load(path, map_location="cpu", weights_only=False)',
      "tests/test_doctor_cli.py -k pickle"),
     ("doctor: a bias whose output also feeds a sum counts as cancelled",
      "src/bnlab/torch/doctor.py",
-     "modules[src.target].bias is not None and len(src.users) == 1",
-     "modules[src.target].bias is not None",
+     "            and modules[src.target].bias is not None\n            and len(src.users) == 1\n",
+     "            and modules[src.target].bias is not None\n",
      "tests/test_doctor.py -k residual"),
     ("explain: step 4 forgets gamma", "src/bnlab/explain/app.js",
      "return [[1, 0], [1, -mu], [inv, -mu * inv], [gamma * inv, beta - gamma * mu * inv]];",

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import functional as F
+from .extras import need
 
 SHAPES = {  # name: (layout, shape with channels on axis)
     "NCHW 64x64x32x32": ("NCHW", (64, 64, 32, 32)),
@@ -61,7 +62,7 @@ def _median_times(fns: dict, repeats: int, warmup: int = 2, seed: int = 0) -> di
             fn()
     rng = np.random.default_rng(seed)
     names = list(fns)
-    times = {k: [] for k in names}
+    times: dict[str, list[float]] = {k: [] for k in names}
     for _ in range(repeats):
         for k in rng.permutation(names):
             t0 = time.perf_counter()
@@ -87,10 +88,11 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
         """Logical NCHW (or (N, C)) tensor in the requested physical layout."""
         t = torch.from_numpy(np.ascontiguousarray(a))
         if case.layout == "NHWC":
-            t = t.permute(0, 3, 1, 2)           # a channels-last view of the NHWC array
+            t = t.permute(0, 3, 1, 2)  # a channels-last view of the NHWC array
         if t.dim() == 4:
-            t = t.contiguous(memory_format=torch.channels_last if channels_last
-                             else torch.contiguous_format)
+            t = t.contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
         return t.to(tdt)
 
     def module(cls):
@@ -137,7 +139,10 @@ def bench_case(case: Case, repeats: int) -> dict:
     dy = rng.standard_normal(case.shape).astype(dt)
     C = case.shape[axis]
     pdt = np.float32 if dt == np.float16 else dt
-    gamma, beta = (1 + 0.1 * rng.standard_normal(C)).astype(pdt), rng.standard_normal(C).astype(pdt)
+    gamma, beta = (
+        (1 + 0.1 * rng.standard_normal(C)).astype(pdt),
+        rng.standard_normal(C).astype(pdt),
+    )
     mean, var = np.zeros(C, pdt), np.ones(C, pdt)
     dst = np.empty_like(x)
 
@@ -147,8 +152,7 @@ def bench_case(case: Case, repeats: int) -> dict:
             F.batch_norm_backward(dy, cache, backend=backend)
 
         def infer():
-            F.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, backend=backend,
-                                   act=act)
+            F.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, backend=backend, act=act)
 
         return train, infer
 
@@ -161,17 +165,27 @@ def bench_case(case: Case, repeats: int) -> dict:
         fns[f"train/{k}"] = train
         fns[f"infer/{k}"] = infer
     med = _median_times(fns, repeats)
-    row = {"case": case.name, "layout": case.layout, "shape": list(case.shape),
-           "dtype": case.dtype, "seconds": med}
+    row = {
+        "case": case.name,
+        "layout": case.layout,
+        "shape": list(case.shape),
+        "dtype": case.dtype,
+        "seconds": med,
+    }
     copy = med["copy"]
     row["copy_times"] = {k: v / copy for k, v in med.items()}
     for op in ("train", "infer"):
-        for ours, theirs, key in (("fused_act", "fused", "fused_act_vs_fused"),
-                                  ("fused", "torch", "fused_vs_torch"),
-                                  ("fused", "torch_channels_last", "fused_vs_torch_channels_last"),
-                                  ("bnlab_torch", "torch", "bnlab_torch_vs_torch"),
-                                  ("bnlab_torch_channels_last", "torch_channels_last",
-                                   "bnlab_torch_vs_torch_channels_last")):
+        for ours, theirs, key in (
+            ("fused_act", "fused", "fused_act_vs_fused"),
+            ("fused", "torch", "fused_vs_torch"),
+            ("fused", "torch_channels_last", "fused_vs_torch_channels_last"),
+            ("bnlab_torch", "torch", "bnlab_torch_vs_torch"),
+            (
+                "bnlab_torch_channels_last",
+                "torch_channels_last",
+                "bnlab_torch_vs_torch_channels_last",
+            ),
+        ):
             if f"{op}/{ours}" in med and f"{op}/{theirs}" in med:
                 row[f"{op}_{key}"] = med[f"{op}/{ours}"] / med[f"{op}/{theirs}"]
     return row
@@ -198,15 +212,21 @@ def bench_seed_cnn(repeats: int, batch_size: int = 64) -> dict:
     try:
         import torch
     except ImportError:
-        torch = None
+        torch = None  # type: ignore[assignment]  # the CPU bench runs without PyTorch
     if torch is not None:
         c1, c2 = model[0].out_channels, model[4].out_channels
         net = torch.nn.Sequential(
-            torch.nn.Conv2d(1, c1, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c1),
-            torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(c1, c2, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c2),
-            torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-            torch.nn.Linear(c2 * 49, 10))
+            torch.nn.Conv2d(1, c1, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(c1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(c2),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(c2 * 49, 10),
+        )
         net.load_state_dict({k: torch.from_numpy(v) for k, v in model.state_dict().items()})
         topt = torch.optim.SGD(net.parameters(), 0.01)
         tloss = torch.nn.CrossEntropyLoss()
@@ -237,7 +257,7 @@ def torch_seed_cnn_step(convert: bool, batch_size: int = 64, channels=(32, 64)):
     x = torch.rand(batch_size, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
     loss = torch.nn.CrossEntropyLoss()
-    net = bt.models.seed_cnn(channels=channels)
+    net: torch.nn.Module = bt.models.seed_cnn(channels=channels)
     if convert:
         net = bt.convert(net)
     opt = torch.optim.SGD(net.parameters(), 0.01)
@@ -246,6 +266,7 @@ def torch_seed_cnn_step(convert: bool, batch_size: int = 64, channels=(32, 64)):
         opt.zero_grad()
         loss(net(x), y).backward()
         opt.step()
+
     return step
 
 
@@ -253,13 +274,19 @@ def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> d
     """:func:`torch_seed_cnn_step` with torch's BN and after ``bnlab.torch.convert``;
     None without torch."""
     try:
-        fns = {"torch": torch_seed_cnn_step(False, batch_size, channels),
-               "bnlab_convert": torch_seed_cnn_step(True, batch_size, channels)}
+        fns = {
+            "torch": torch_seed_cnn_step(False, batch_size, channels),
+            "bnlab_convert": torch_seed_cnn_step(True, batch_size, channels),
+        }
     except ImportError:
         return None
     med = _median_times(fns, repeats)
-    return {"batch_size": batch_size, "channels": list(channels), "seconds": med,
-            "convert_vs_torch": med["bnlab_convert"] / med["torch"]}
+    return {
+        "batch_size": batch_size,
+        "channels": list(channels),
+        "seconds": med,
+        "convert_vs_torch": med["bnlab_convert"] / med["torch"],
+    }
 
 
 def environment() -> dict:
@@ -267,8 +294,12 @@ def environment() -> dict:
 
     from numba import get_num_threads
 
-    env = {"numpy": np.__version__, "machine": platform.machine(),
-           "cpus": os.cpu_count(), "numba_threads": get_num_threads()}
+    env = {
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "numba_threads": get_num_threads(),
+    }
     try:
         import torch
 
@@ -278,14 +309,22 @@ def environment() -> dict:
     return env
 
 
-def run(shapes=None, dtypes=("float32", "float64"), repeats: int = 21, cnn: bool = True,
-        progress: bool = True) -> dict:
+def run(
+    shapes=None,
+    dtypes=("float32", "float64"),
+    repeats: int = 21,
+    cnn: bool = True,
+    progress: bool = True,
+) -> dict:
     """Benchmark ``shapes`` (names of :data:`SHAPES`, or a dict name -> (layout, shape))."""
-    from tqdm.auto import tqdm
+    tqdm = need("tqdm.auto", "the progress bar").tqdm
 
-    table = SHAPES if shapes is None else (
-        shapes if isinstance(shapes, dict) else {n: SHAPES[n] for n in shapes})
-    cases = [Case(n, *spec, d) for n, spec in table.items() for d in dtypes]
+    table = (
+        SHAPES
+        if shapes is None
+        else (shapes if isinstance(shapes, dict) else {n: SHAPES[n] for n in shapes})
+    )
+    cases = [Case(n, spec[0], spec[1], d) for n, spec in table.items() for d in dtypes]
     rows = []
     for case in tqdm(cases, desc="bench", disable=not progress, leave=False):
         rows.append(bench_case(case, repeats))
@@ -300,50 +339,70 @@ def run(shapes=None, dtypes=("float32", "float64"), repeats: int = 21, cnn: bool
 
 def format_table(result: dict) -> str:
     """Times in copy-times (median time / median copy time, same run) and ratios to torch."""
-    cols = [("ref", "reference", 6), ("fused", "fused", 7), ("+relu", "fused_act", 7),
-            ("torch", "torch", 7),
-            ("torchCL", "torch_channels_last", 8), ("bt", "bnlab_torch", 7),
-            ("btCL", "bnlab_torch_channels_last", 7)]
-    ratios = [("relu/BN", "fused_act_vs_fused", 8), ("fused/torch", "fused_vs_torch", 12),
-              ("fused/CL", "fused_vs_torch_channels_last", 9),
-              ("bt/torch", "bnlab_torch_vs_torch", 9),
-              ("btCL/CL", "bnlab_torch_vs_torch_channels_last", 8)]
-    head = (f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}"
-            + "".join(f"{label:>{w}s}" for label, _, w in cols + ratios))
-    lines = ["times in copy-times (1.0 = np.copyto of the same tensor); ratios < 1: bnlab faster",
-             "fused: bnlab's kernels on NumPy arrays (+relu: BN+ReLU fused, BatchNormAct2d; "
-             "relu/BN: its cost over BN alone); torch/torchCL: torch.nn's module on NCHW /"
-             " channels-last memory; bt/btCL: bnlab.torch's module on the same", head,
-             "-" * len(head)]
+    cols = [
+        ("ref", "reference", 6),
+        ("fused", "fused", 7),
+        ("+relu", "fused_act", 7),
+        ("torch", "torch", 7),
+        ("torchCL", "torch_channels_last", 8),
+        ("bt", "bnlab_torch", 7),
+        ("btCL", "bnlab_torch_channels_last", 7),
+    ]
+    ratios = [
+        ("relu/BN", "fused_act_vs_fused", 8),
+        ("fused/torch", "fused_vs_torch", 12),
+        ("fused/CL", "fused_vs_torch_channels_last", 9),
+        ("bt/torch", "bnlab_torch_vs_torch", 9),
+        ("btCL/CL", "bnlab_torch_vs_torch_channels_last", 8),
+    ]
+    head = f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}" + "".join(
+        f"{label:>{w}s}" for label, _, w in cols + ratios
+    )
+    lines = [
+        "times in copy-times (1.0 = np.copyto of the same tensor); ratios < 1: bnlab faster",
+        "fused: bnlab's kernels on NumPy arrays (+relu: BN+ReLU fused, BatchNormAct2d; "
+        "relu/BN: its cost over BN alone); torch/torchCL: torch.nn's module on NCHW /"
+        " channels-last memory; bt/btCL: bnlab.torch's module on the same",
+        head,
+        "-" * len(head),
+    ]
     for r in result["rows"]:
         ct = r["copy_times"]
         for op in ("train", "infer"):
+
             def cell(v, width):
                 return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
 
             lines.append(
                 f"{r['case']:20s}{r['dtype']:>9s}{op:>7s}{r['seconds']['copy'] * 1e3:9.2f}"
                 + "".join(cell(ct.get(f"{op}/{key}"), w) for _, key, w in cols)
-                + "".join(cell(r.get(f"{op}_{key}"), w) for _, key, w in ratios))
+                + "".join(cell(r.get(f"{op}_{key}"), w) for _, key, w in ratios)
+            )
     cnn = result.get("seed_cnn_step")
     if cnn:
         s = cnn["seconds"]
         line = f"\nseed CNN training step (batch {cnn['batch_size']}): bnlab {s['bnlab'] * 1e3:.1f} ms"
         if "torch" in s:
-            line += f", PyTorch {s['torch'] * 1e3:.1f} ms, bnlab/PyTorch = {cnn['bnlab_vs_torch']:.2f}"
+            line += (
+                f", PyTorch {s['torch'] * 1e3:.1f} ms, bnlab/PyTorch = {cnn['bnlab_vs_torch']:.2f}"
+            )
         lines.append(line)
     step = result.get("torch_seed_cnn_step")
     if step:
         s = step["seconds"]
         c1, c2 = step["channels"]
-        lines.append(f"torch seed CNN training step (channels {c1}/{c2}, batch "
-                     f"{step['batch_size']}, SGD): torch BN {s['torch'] * 1e3:.1f} ms, after "
-                     f"bnlab.torch.convert {s['bnlab_convert'] * 1e3:.1f} ms, "
-                     f"ratio {step['convert_vs_torch']:.2f}")
+        lines.append(
+            f"torch seed CNN training step (channels {c1}/{c2}, batch "
+            f"{step['batch_size']}, SGD): torch BN {s['torch'] * 1e3:.1f} ms, after "
+            f"bnlab.torch.convert {s['bnlab_convert'] * 1e3:.1f} ms, "
+            f"ratio {step['convert_vs_torch']:.2f}"
+        )
     env = result["environment"]
-    lines.append(f"\n{env['cpus']} CPUs, numba threads {env['numba_threads']}, numpy {env['numpy']}, "
-                 f"torch {env.get('torch')} (threads {env.get('torch_threads')}); "
-                 f"medians of {result['repeats']} interleaved rounds")
+    lines.append(
+        f"\n{env['cpus']} CPUs, numba threads {env['numba_threads']}, numpy {env['numpy']}, "
+        f"torch {env.get('torch')} (threads {env.get('torch_threads')}); "
+        f"medians of {result['repeats']} interleaved rounds"
+    )
     return "\n".join(lines)
 
 

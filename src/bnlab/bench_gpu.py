@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import os
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -47,15 +47,20 @@ class GpuCase(NamedTuple):
         return f"{'x'.join(map(str, self.shape))} {self.dtype} {layout}"
 
 
-CASES = [GpuCase((256, 64, 56, 56), "float32"),
-         GpuCase((256, 64, 56, 56), "float32", "channels_last"),
-         GpuCase((256, 64, 56, 56), "float16"),
-         GpuCase((256, 64, 56, 56), "float16", "channels_last"),
-         GpuCase((256, 64, 56, 56), "bfloat16", "channels_last"),
-         GpuCase((8192, 4096), "float32"),
-         GpuCase((64, 64, 32, 32), "float32")]
-SMALL_CASES = [GpuCase((6, 5, 7, 9), "float32"), GpuCase((6, 5, 7, 9), "float16", "channels_last"),
-               GpuCase((40, 24), "bfloat16")]  # for a CPU dry run in the interpreter
+CASES = [
+    GpuCase((256, 64, 56, 56), "float32"),
+    GpuCase((256, 64, 56, 56), "float32", "channels_last"),
+    GpuCase((256, 64, 56, 56), "float16"),
+    GpuCase((256, 64, 56, 56), "float16", "channels_last"),
+    GpuCase((256, 64, 56, 56), "bfloat16", "channels_last"),
+    GpuCase((8192, 4096), "float32"),
+    GpuCase((64, 64, 32, 32), "float32"),
+]
+SMALL_CASES = [
+    GpuCase((6, 5, 7, 9), "float32"),
+    GpuCase((6, 5, 7, 9), "float16", "channels_last"),
+    GpuCase((40, 24), "bfloat16"),
+]  # for a CPU dry run in the interpreter
 
 # the GPU targets: training at most 4.5 copy-times (6 for the L2-sized
 # 64x64x32x32), inference at most 1.15, never slower than torch
@@ -132,22 +137,29 @@ def bench_case(case: GpuCase, device: str = "cuda", rep_ms: int = 100) -> dict:
 
         seconds[f"train/{name}"] = timer(train)
         seconds[f"infer/{name}"] = timer(infer)
-    row = {"case": case.name, "shape": list(case.shape), "dtype": case.dtype,
-           "memory_format": case.fmt, "bytes": x.numel() * x.element_size(), "seconds": seconds,
-           "copy_times": {k: v / seconds["copy"] for k, v in seconds.items() if k != "copy"}}
+    row = {
+        "case": case.name,
+        "shape": list(case.shape),
+        "dtype": case.dtype,
+        "memory_format": case.fmt,
+        "bytes": x.numel() * x.element_size(),
+        "seconds": seconds,
+        "copy_times": {k: v / seconds["copy"] for k, v in seconds.items() if k != "copy"},
+    }
     for op in ("train", "infer"):
         row[f"{op}_bnlab_vs_torch"] = seconds[f"{op}/bnlab"] / seconds[f"{op}/torch"]
         row[f"{op}_auto_vs_torch"] = seconds[f"{op}/auto"] / seconds[f"{op}/torch"]
     auto = modules[2]
     params = (auto.running_mean, auto.running_var, auto.weight, auto.bias)
-    row["auto_engine"] = {op: engine.select("auto", x, params, update=op == "train",
-                                            training=op == "train")
-                          for op in ("train", "infer")}
+    row["auto_engine"] = {
+        op: engine.select("auto", x, params, update=op == "train", training=op == "train")
+        for op in ("train", "infer")
+    }
     return row
 
 
 def environment(device: str) -> dict:
-    env = {"torch": torch.__version__, "device": device}
+    env: dict[str, Any] = {"torch": torch.__version__, "device": device}
     try:
         import triton
 
@@ -156,9 +168,14 @@ def environment(device: str) -> dict:
         env["triton"] = None
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, multiprocessors=props.multi_processor_count,
-                   memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                   cudnn=torch.backends.cudnn.version(), driver=_driver_version())
+        env.update(
+            gpu=props.name,
+            multiprocessors=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            driver=_driver_version(),
+        )
     return env
 
 
@@ -166,8 +183,12 @@ def _driver_version() -> str | None:
     import subprocess
 
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else None
@@ -177,51 +198,66 @@ def meets_targets(row: dict) -> dict:
     """Which of the issue's targets this row meets (None: no target for it)."""
     ct = row["copy_times"]
     l2 = row["bytes"] <= 32 * 2**20
-    return {"train": ct["train/bnlab"] <= TARGETS["train_l2" if l2 else "train"],
-            "infer": ct["infer/bnlab"] <= TARGETS["infer"],
-            "not_slower": row["train_bnlab_vs_torch"] <= 1.0 and row["infer_bnlab_vs_torch"] <= 1.0,
-            "auto_not_slower": row["train_auto_vs_torch"] <= 1.0 and row["infer_auto_vs_torch"] <= 1.0}
+    return {
+        "train": ct["train/bnlab"] <= TARGETS["train_l2" if l2 else "train"],
+        "infer": ct["infer/bnlab"] <= TARGETS["infer"],
+        "not_slower": row["train_bnlab_vs_torch"] <= 1.0 and row["infer_bnlab_vs_torch"] <= 1.0,
+        "auto_not_slower": row["train_auto_vs_torch"] <= 1.0 and row["infer_auto_vs_torch"] <= 1.0,
+    }
 
 
-def run(device: str = "cuda", cases=None, rep_ms: int = 100, progress: bool = True,
-        on_row=None) -> dict:
+def run(
+    device: str = "cuda", cases=None, rep_ms: int = 100, progress: bool = True, on_row=None
+) -> dict:
     """Benchmark ``cases`` (default: :data:`CASES` on CUDA, :data:`SMALL_CASES` on CPU)."""
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda needs a CUDA GPU, and torch sees none")
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("--device cpu runs the Triton kernels in Triton's interpreter: "
-                           "set TRITON_INTERPRET=1")
+        raise RuntimeError(
+            "--device cpu runs the Triton kernels in Triton's interpreter: set TRITON_INTERPRET=1"
+        )
     cases = cases or (CASES if device == "cuda" else SMALL_CASES)
-    result = {"environment": environment(device), "rep_ms": rep_ms, "rows": []}
+    rows: list[dict] = []
+    result = {"environment": environment(device), "rep_ms": rep_ms, "rows": rows}
     for i, case in enumerate(cases):
         if progress:
             print(f"[{i + 1}/{len(cases)}] {case.name}", flush=True)
         row = bench_case(case, device, rep_ms)
         row["meets"] = meets_targets(row)
-        result["rows"].append(row)
+        rows.append(row)
         if on_row is not None:
             on_row(result)
     return result
 
 
 def format_table(result: dict) -> str:
-    head = (f"{'case':32s}{'copy us':>9s}{'train torch':>12s}{'bnlab':>7s}{'auto':>7s}"
-            f"{'ratio':>7s}{'infer torch':>12s}{'bnlab':>7s}{'auto':>7s}{'ratio':>7s}  auto ran")
-    lines = ["times in copy-times (1.0 = a device-to-device copy of the same tensor); "
-             "bnlab = forced Triton, auto = backend='auto'; ratio = auto/torch (<= 1: never "
-             "slower)", head, "-" * len(head)]
+    head = (
+        f"{'case':32s}{'copy us':>9s}{'train torch':>12s}{'bnlab':>7s}{'auto':>7s}"
+        f"{'ratio':>7s}{'infer torch':>12s}{'bnlab':>7s}{'auto':>7s}{'ratio':>7s}  auto ran"
+    )
+    lines = [
+        "times in copy-times (1.0 = a device-to-device copy of the same tensor); "
+        "bnlab = forced Triton, auto = backend='auto'; ratio = auto/torch (<= 1: never "
+        "slower)",
+        head,
+        "-" * len(head),
+    ]
     for r in result["rows"]:
         ct = r["copy_times"]
         ran = r.get("auto_engine", {})
-        lines.append(f"{r['case']:32s}{r['seconds']['copy'] * 1e6:9.1f}"
-                     f"{ct['train/torch']:12.2f}{ct['train/bnlab']:7.2f}"
-                     f"{ct.get('train/auto', float('nan')):7.2f}"
-                     f"{r.get('train_auto_vs_torch', float('nan')):7.2f}{ct['infer/torch']:12.2f}"
-                     f"{ct['infer/bnlab']:7.2f}{ct.get('infer/auto', float('nan')):7.2f}"
-                     f"{r.get('infer_auto_vs_torch', float('nan')):7.2f}  "
-                     f"{ran.get('train', '-')}/{ran.get('infer', '-')}")
+        lines.append(
+            f"{r['case']:32s}{r['seconds']['copy'] * 1e6:9.1f}"
+            f"{ct['train/torch']:12.2f}{ct['train/bnlab']:7.2f}"
+            f"{ct.get('train/auto', float('nan')):7.2f}"
+            f"{r.get('train_auto_vs_torch', float('nan')):7.2f}{ct['infer/torch']:12.2f}"
+            f"{ct['infer/bnlab']:7.2f}{ct.get('infer/auto', float('nan')):7.2f}"
+            f"{r.get('infer_auto_vs_torch', float('nan')):7.2f}  "
+            f"{ran.get('train', '-')}/{ran.get('infer', '-')}"
+        )
     env = result["environment"]
-    lines.append(f"\n{env.get('gpu', env['device'])}, torch {env['torch']}, Triton "
-                 f"{env['triton']}, driver {env.get('driver')}, cuDNN {env.get('cudnn')}; "
-                 f"do_bench medians over {result['rep_ms']} ms")
+    lines.append(
+        f"\n{env.get('gpu', env['device'])}, torch {env['torch']}, Triton "
+        f"{env['triton']}, driver {env.get('driver')}, cuDNN {env.get('cudnn')}; "
+        f"do_bench medians over {result['rep_ms']} ms"
+    )
     return "\n".join(lines)

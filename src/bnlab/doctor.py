@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class Layer:
     bias_before: str | None = None  # the Conv/Linear with a bias that feeds it, if known
 
 
-def biases_before(model, sequential: type, bn: type, weighted: tuple) -> dict:
+def biases_before(model, sequential: type[Any], bn: type, weighted: tuple) -> dict:
     """BN qualified name -> the layer (of ``weighted`` types, with a bias) right before it
     in a ``sequential`` container: bnlab and torch models alike (``named_modules()``,
     ``_modules``)."""
@@ -98,7 +99,7 @@ def biases_before(model, sequential: type, bn: type, weighted: tuple) -> dict:
     return found
 
 
-def warm_batches(momentum: float | None) -> int:
+def warm_batches(momentum: float | None) -> float:
     """Batches after which the running averages' initial values weigh less than 5%."""
     if momentum is None:  # the cumulative average: the initial values are gone at once
         return 1
@@ -121,35 +122,54 @@ def static_findings(layers, model_training: bool) -> list[Finding]:
 
 
 def _nonfinite(layer: Layer, model_training: bool):
-    bad = {name: int((~np.isfinite(v)).sum())
-           for name, v in (("running_mean", layer.running_mean), ("running_var",
-                                                                  layer.running_var),
-                           ("weight", layer.weight), ("bias", layer.bias))
-           if v is not None and not np.isfinite(v).all()}
+    bad = {
+        name: int((~np.isfinite(v)).sum())
+        for name, v in (
+            ("running_mean", layer.running_mean),
+            ("running_var", layer.running_var),
+            ("weight", layer.weight),
+            ("bias", layer.bias),
+        )
+        if v is not None and not np.isfinite(v).all()
+    }
     if not bad:
         return None
-    return Finding("nonfinite-stats", layer.name, "error",
-                   f"NaN/inf in {', '.join(bad)}: evaluation outputs will be NaN",
-                   {f"nonfinite_{k}": v for k, v in bad.items()},
-                   "recalibrate the running statistics (bnlab recalibrate) from clean batches, "
-                   "and find the overflowing step (mixed precision: a gradient scaler)")
+    return Finding(
+        "nonfinite-stats",
+        layer.name,
+        "error",
+        f"NaN/inf in {', '.join(bad)}: evaluation outputs will be NaN",
+        {f"nonfinite_{k}": v for k, v in bad.items()},
+        "recalibrate the running statistics (bnlab recalibrate) from clean batches, "
+        "and find the overflowing step (mixed precision: a gradient scaler)",
+    )
 
 
 def _keras_momentum(layer: Layer, model_training: bool):
     if layer.momentum is None or layer.momentum < 0.5:
         return None
-    return Finding("keras-momentum", layer.name, "warning",
-                   f"momentum {layer.momentum:g}: the running statistics follow the last "
-                   f"batch (Keras's 0.99 is PyTorch's 0.01)", {"momentum": layer.momentum},
-                   f"use momentum {1 - layer.momentum:g} (PyTorch's convention)")
+    return Finding(
+        "keras-momentum",
+        layer.name,
+        "warning",
+        f"momentum {layer.momentum:g}: the running statistics follow the last "
+        f"batch (Keras's 0.99 is PyTorch's 0.01)",
+        {"momentum": layer.momentum},
+        f"use momentum {1 - layer.momentum:g} (PyTorch's convention)",
+    )
 
 
 def _bias_before(layer: Layer, model_training: bool):
     if layer.bias_before is None:
         return None
-    return Finding("bias-before-bn", layer.name, "info",
-                   f"{layer.bias_before} has a bias that this BN cancels (it subtracts the "
-                   f"mean)", {}, f"create {layer.bias_before} with bias=False")
+    return Finding(
+        "bias-before-bn",
+        layer.name,
+        "info",
+        f"{layer.bias_before} has a bias that this BN cancels (it subtracts the mean)",
+        {},
+        f"create {layer.bias_before} with bias=False",
+    )
 
 
 def _dead(layer: Layer, model_training: bool):
@@ -161,11 +181,15 @@ def _dead(layer: Layer, model_training: bool):
     if not dead.any():
         return None
     channels = np.flatnonzero(dead)
-    return Finding("dead-channel", layer.name, "warning",
-                   f"{len(channels)} of {layer.num_features} channels are dead (gamma or "
-                   f"running variance ~0): {channels[:8].tolist()}",
-                   {"dead_channels": len(channels), "first": int(channels[0])},
-                   "check the initialization and weight decay on gamma; prune the channels")
+    return Finding(
+        "dead-channel",
+        layer.name,
+        "warning",
+        f"{len(channels)} of {layer.num_features} channels are dead (gamma or "
+        f"running variance ~0): {channels[:8].tolist()}",
+        {"dead_channels": len(channels), "first": int(channels[0])},
+        "check the initialization and weight decay on gamma; prune the channels",
+    )
 
 
 def _cold(layer: Layer, model_training: bool):
@@ -174,32 +198,45 @@ def _cold(layer: Layer, model_training: bool):
     need = warm_batches(layer.momentum)
     if layer.num_batches_tracked >= need:
         return None
-    return Finding("cold-stats", layer.name, "warning",
-                   f"{layer.num_batches_tracked} batches tracked; momentum "
-                   f"{layer.momentum} needs {need} before the running statistics forget "
-                   f"their initial values", {"num_batches_tracked": layer.num_batches_tracked,
-                                             "needed": need},
-                   "train longer, or recalibrate (bnlab recalibrate) on a few hundred batches")
+    return Finding(
+        "cold-stats",
+        layer.name,
+        "warning",
+        f"{layer.num_batches_tracked} batches tracked; momentum "
+        f"{layer.momentum} needs {need} before the running statistics forget "
+        f"their initial values",
+        {"num_batches_tracked": layer.num_batches_tracked, "needed": need},
+        "train longer, or recalibrate (bnlab recalibrate) on a few hundred batches",
+    )
 
 
 def _mixed(layer: Layer, model_training: bool):
     if layer.training == model_training:
         return None
-    return Finding("mixed-mode", layer.name, "warning",
-                   f"this BN is in {'train' if layer.training else 'eval'} mode inside a model "
-                   f"in {'train' if model_training else 'eval'} mode",
-                   {"layer_training": int(layer.training), "model_training": int(model_training)},
-                   "call model.eval() / model.train() after changing submodules' modes, or set "
-                   "the mode deliberately and document it")
+    return Finding(
+        "mixed-mode",
+        layer.name,
+        "warning",
+        f"this BN is in {'train' if layer.training else 'eval'} mode inside a model "
+        f"in {'train' if model_training else 'eval'} mode",
+        {"layer_training": int(layer.training), "model_training": int(model_training)},
+        "call model.eval() / model.train() after changing submodules' modes, or set "
+        "the mode deliberately and document it",
+    )
 
 
 def _frozen_train(layer: Layer, model_training: bool):
     if layer.weight is None or layer.params_trainable or not layer.training:
         return None
-    return Finding("frozen-train", layer.name, "warning",
-                   "gamma and beta do not learn, but the layer is in train mode: it still "
-                   "normalizes with and updates from batch statistics", {},
-                   "put the layer in eval mode (or use FrozenBatchNorm2d / bnlab freeze)")
+    return Finding(
+        "frozen-train",
+        layer.name,
+        "warning",
+        "gamma and beta do not learn, but the layer is in train mode: it still "
+        "normalizes with and updates from batch statistics",
+        {},
+        "put the layer in eval mode (or use FrozenBatchNorm2d / bnlab freeze)",
+    )
 
 
 RULES = (_nonfinite, _keras_momentum, _bias_before, _dead, _cold, _mixed, _frozen_train)
@@ -208,30 +245,44 @@ RULES = (_nonfinite, _keras_momentum, _bias_before, _dead, _cold, _mixed, _froze
 def small_batch_finding(name: str, values_per_channel: int):
     if values_per_channel >= SMALL_BATCH:
         return None
-    return Finding("small-batch", name, "warning",
-                   f"{values_per_channel} values per channel reach this BN in training "
-                   f"(fewer than {SMALL_BATCH}): its batch statistics are noisy",
-                   {"values_per_channel": values_per_channel},
-                   "use larger batches, GhostBatchNorm/BatchRenorm, SyncBatchNorm across "
-                   "processes, or freeze the layer (FrozenBatchNorm2d) when fine-tuning")
+    return Finding(
+        "small-batch",
+        name,
+        "warning",
+        f"{values_per_channel} values per channel reach this BN in training "
+        f"(fewer than {SMALL_BATCH}): its batch statistics are noisy",
+        {"values_per_channel": values_per_channel},
+        "use larger batches, GhostBatchNorm/BatchRenorm, SyncBatchNorm across "
+        "processes, or freeze the layer (FrozenBatchNorm2d) when fine-tuning",
+    )
 
 
-def stale_finding(name: str, running_mean, running_var, exact_mean, exact_var, eps: float,
-                  model_evidence: dict):
+def stale_finding(
+    name: str, running_mean, running_var, exact_mean, exact_var, eps: float, model_evidence: dict
+):
     """Compare a layer's running statistics with the exact ones over the batches."""
     std = np.sqrt(np.asarray(exact_var, np.float64) + eps)
     shift = float(np.max(np.abs(np.asarray(running_mean) - exact_mean) / std))
-    ratio = float(np.max(np.maximum((running_var + eps) / (exact_var + eps),
-                                    (exact_var + eps) / (running_var + eps))))
+    ratio = float(
+        np.max(
+            np.maximum(
+                (running_var + eps) / (exact_var + eps), (exact_var + eps) / (running_var + eps)
+            )
+        )
+    )
     if shift <= STALE_SHIFT and ratio <= STALE_RATIO:
         return None
-    return Finding("stale-stats", name, "warning",
-                   f"running statistics far from the batches' (mean off by {shift:.2f} "
-                   f"standard deviations, variance by a factor {ratio:.2f}): evaluation "
-                   f"outputs differ from training's",
-                   {"mean_shift_std": shift, "var_ratio": ratio, **model_evidence},
-                   "recalibrate the running statistics on representative batches "
-                   "(bnlab recalibrate / torch.optim.swa_utils.update_bn)")
+    return Finding(
+        "stale-stats",
+        name,
+        "warning",
+        f"running statistics far from the batches' (mean off by {shift:.2f} "
+        f"standard deviations, variance by a factor {ratio:.2f}): evaluation "
+        f"outputs differ from training's",
+        {"mean_shift_std": shift, "var_ratio": ratio, **model_evidence},
+        "recalibrate the running statistics on representative batches "
+        "(bnlab recalibrate / torch.optim.swa_utils.update_bn)",
+    )
 
 
 @dataclass
@@ -258,8 +309,10 @@ def score(logits, targets) -> dict:
         raise ValueError(f"targets hold {len(t)} labels for {len(z)} outputs")
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return {"loss": float(-log_p[np.arange(len(t)), t].mean()),
-            "accuracy": float((z.argmax(axis=1) == t).mean())}
+    return {
+        "loss": float(-log_p[np.arange(len(t)), t].mean()),
+        "accuracy": float((z.argmax(axis=1) == t).mean()),
+    }
 
 
 OUTPUTS = ("running", "batch", "recalibrated")  # the statistics the model's outputs used
@@ -275,38 +328,52 @@ def dynamic_findings(probes, outputs: dict, targets=None) -> list[Finding]:
         for key in OUTPUTS:
             for k, v in score(outputs[key], targets).items():
                 evidence[f"{k}_{key}_stats"] = v
-    evidence["output_change_recalibrated"] = float(max(
-        np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
-        for a, b in zip(outputs["running"], outputs["recalibrated"])))
+    evidence["output_change_recalibrated"] = float(
+        max(
+            np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()
+            for a, b in zip(outputs["running"], outputs["recalibrated"])
+        )
+    )
     findings = []
     for p in probes:
         f = small_batch_finding(p.name, p.values_per_channel) if p.training else None
         if f is not None:
             findings.append(f)
         if p.running_mean is not None:
-            f = stale_finding(p.name, p.running_mean, p.running_var, p.exact_mean,
-                              p.exact_var, p.eps, evidence)
+            f = stale_finding(
+                p.name, p.running_mean, p.running_var, p.exact_mean, p.exact_var, p.eps, evidence
+            )
             if f is not None:
                 findings.append(f)
     return findings
 
 
-def probe_batches(model, probe, batches, targets, seen: dict, *, is_bn, run, recalibrate,
-                  array) -> list[Finding]:
+def probe_batches(
+    model, probe, batches, targets, seen: dict, *, is_bn, run, recalibrate, array
+) -> list[Finding]:
     """The dynamic checks' bookkeeping, for bnlab and torch models alike: ``probe`` (a
     train-mode copy whose BN layers record into ``seen`` the fewest values per channel they
     get; the copy's running statistics change, the model's do not) and copies of ``model`` with its running statistics (eval) and
     recalibrated on the batches run ``batches``; then :func:`dynamic_findings`. ``run(model,
     batches)`` gives the outputs as arrays, ``array`` makes a buffer an array (or None)."""
-    outputs = {"batch": run(probe, batches),
-               "running": run(copy.deepcopy(model).eval(), batches)}
+    outputs = {"batch": run(probe, batches), "running": run(copy.deepcopy(model).eval(), batches)}
     recal = recalibrate(copy.deepcopy(model), batches).eval()
     outputs["recalibrated"] = run(recal, batches)
     exact = dict(recal.named_modules())
-    probes = [Probe(name, m.training, m.eps, seen.get(name, 0), array(m.running_mean),
-                    array(m.running_var), array(exact[name].running_mean),
-                    array(exact[name].running_var))
-              for name, m in model.named_modules() if is_bn(m)]
+    probes = [
+        Probe(
+            name,
+            m.training,
+            m.eps,
+            seen.get(name, 0),
+            array(m.running_mean),
+            array(m.running_var),
+            array(exact[name].running_mean),
+            array(exact[name].running_var),
+        )
+        for name, m in model.named_modules()
+        if is_bn(m)
+    ]
     return dynamic_findings(probes, outputs, targets)
 
 

@@ -128,8 +128,10 @@ def _check_running_buffer(buf, name: str, C: int) -> None:
     if buf is None:
         return
     if not isinstance(buf, np.ndarray):
-        raise TypeError(f"{name} is updated in place, so it must be a NumPy array of shape "
-                        f"({C},), got {type(buf).__name__}")
+        raise TypeError(
+            f"{name} is updated in place, so it must be a NumPy array of shape "
+            f"({C},), got {type(buf).__name__}"
+        )
     _check_channel_vector(buf, name, C, buf.dtype)
     if not buf.flags.writeable:
         raise ValueError(f"{name} is updated in place, but the array given is read-only")
@@ -175,7 +177,7 @@ def _cast(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _two_pass(x: np.ndarray, axes: tuple[int, ...]):
     acc = _accumulator(x.dtype)
     mean = x.mean(axis=axes, dtype=acc, keepdims=True)
-    dev = np.subtract(x, mean, dtype=acc)                       # like x, in acc
+    dev = np.subtract(x, mean, dtype=acc)  # like x, in acc
     return mean, np.square(dev, out=dev).mean(axis=axes, keepdims=True)
 
 
@@ -235,8 +237,9 @@ def moments(x, axes, shift=None, keepdims: bool = False):
     axes = _normalize_axes(axes, x.ndim)
     kept = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
     if _count(x.shape, axes) == 0 and math.prod(kept) > 0:
-        raise ValueError(f"moments over no values: axes {list(axes)} of x with shape "
-                         f"{x.shape} are empty")
+        raise ValueError(
+            f"moments over no values: axes {list(axes)} of x with shape {x.shape} are empty"
+        )
     if x.size == 0:  # then there are no statistics to compute either: kept has a 0
         mean = variance = np.zeros(kept, x.dtype)
     else:
@@ -277,8 +280,10 @@ def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name
     arrays = {"mean": mean, "variance": variance, "offset": offset, "scale": scale}
     for k, v in arrays.items():
         if v is None and k in ("mean", "variance"):
-            raise TypeError(f"{k} is required (an array that broadcasts against x of shape "
-                            f"{x.shape}), got None")
+            raise TypeError(
+                f"{k} is required (an array that broadcasts against x of shape "
+                f"{x.shape}), got None"
+            )
         if v is not None:
             _check_float(np.asarray(v), k)
     variance_epsilon = _check_number(variance_epsilon, "variance_epsilon")
@@ -361,14 +366,14 @@ def _affine(x_hat, gamma, beta, bshape):
 def _check_mask(mask, x: np.ndarray, axis: int) -> np.ndarray:
     """``mask`` (x's shape without the channel axis, booleans with a True somewhere) as a
     boolean array broadcastable against x (length 1 on the channel axis)."""
-    want = x.shape[:axis] + x.shape[axis + 1:]
+    want = x.shape[:axis] + x.shape[axis + 1 :]
     mask = np.asarray(mask)
     if mask.shape != want:
-        raise ValueError(f"mask must have x's shape without the channel axis {want}, got "
-                         f"{mask.shape}")
+        raise ValueError(
+            f"mask must have x's shape without the channel axis {want}, got {mask.shape}"
+        )
     if mask.dtype != np.bool_:
-        raise TypeError(f"mask must be boolean (True: counts in the statistics), got "
-                        f"{mask.dtype}")
+        raise TypeError(f"mask must be boolean (True: counts in the statistics), got {mask.dtype}")
     if not mask.any():
         raise ValueError("mask has no True entry: there is nothing to take statistics over")
     return np.expand_dims(mask, axis)
@@ -381,17 +386,16 @@ def _masked_forward(x, gamma, beta, eps, axis, mask):
     mask = _check_mask(mask, x, axis)
     m = int(mask.sum())
     if m <= 1:
-        raise ValueError(f"expected more than 1 unmasked value per channel when training, "
-                         f"got {m}")
+        raise ValueError(f"expected more than 1 unmasked value per channel when training, got {m}")
     xc = x.astype(cdt, copy=False)
     acc = _accumulator(cdt)
     w = mask.astype(acc)
-    mean = (xc * w).sum(axis=reduce_axes, dtype=acc) / m                         # (C,)
+    mean = (xc * w).sum(axis=reduce_axes, dtype=acc) / m  # (C,)
     var = (np.square(xc - mean.reshape(bshape), dtype=acc) * w).sum(axis=reduce_axes) / m
     inv_std = inv_std_of(var, eps, var.dtype)
     mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))
     _check_finite_stats(np.where(mask, x, 0), mean, var)
-    y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)    # everywhere
+    y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)  # everywhere
     g = np.ones(C, cdt) if gamma is None else gamma
     cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var, mask)
     return y.astype(x.dtype, copy=False), cache
@@ -411,8 +415,16 @@ def _activate(y, relu: bool):
     return np.maximum(y, 0, out=y) if relu else y  # NaN stays NaN
 
 
-def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend: str = "auto",
-                       mask=None, act: str = "identity"):
+def batch_norm_forward(
+    x,
+    gamma,
+    beta,
+    eps: float = 1e-5,
+    axis: int = 1,
+    backend: str = "auto",
+    mask=None,
+    act: str = "identity",
+):
     """Training-mode batch normalization with batch statistics: Algorithm 1 of the paper.
 
         mu      = mean(x)                  over every axis except ``axis``   (C,)
@@ -463,13 +475,14 @@ def batch_norm_forward(x, gamma, beta, eps: float = 1e-5, axis: int = 1, backend
     xc = x.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
     if fast is not None:
-        y, mean, var, inv_std = fast.train_forward(xc, gamma, beta, eps, axis,
-                                                   act=act)  # float64 stats
+        y, mean, var, inv_std = fast.train_forward(
+            xc, gamma, beta, eps, axis, act=act
+        )  # float64 stats
         if not np.isfinite(var).all() and np.isfinite(x).all():
             fast = None  # the kernels' float64 sums overflowed; the reference rescales
     if fast is None:
         mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
-        inv_std = inv_std_of(var, eps, var.dtype)                                # (C,)
+        inv_std = inv_std_of(var, eps, var.dtype)  # (C,)
     mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))  # compute dtype
     _check_finite_stats(x, mean, var)
     if fast is None:
@@ -512,20 +525,28 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
     cdt = x.dtype
     fast = None if cache.mask is not None else _kernels(backend, x)
     if fast is not None:
-        dx, dgamma, dbeta = fast.backward(dy, x, cache.mean, cache.inv_std, cache.gamma,
-                                          cache.axis, cache.batch_stats, beta=cache.beta,
-                                          act=cache.act)
+        dx, dgamma, dbeta = fast.backward(
+            dy,
+            x,
+            cache.mean,
+            cache.inv_std,
+            cache.gamma,
+            cache.axis,
+            cache.batch_stats,
+            beta=cache.beta,
+            act=cache.act,
+        )
         return dx.astype(cache.out_dtype, copy=False), _cast(dgamma, cdt), _cast(dbeta, cdt)
     _, reduce_axes, bshape = _channel_axes(x, cache.axis)
     acc = _accumulator(cdt)
     dyc = dy.astype(cdt, copy=False)
-    x_hat = _normalize(x, cache.mean, cache.inv_std, bshape)                # like x
+    x_hat = _normalize(x, cache.mean, cache.inv_std, bshape)  # like x
     if cache.act == "relu":  # through the ReLU: dy where its input was positive
         z = _affine(x_hat, cache.gamma, cache.beta, bshape)
         dyc = np.where(z > 0, dyc, 0).astype(cdt, copy=False)
-    dbeta = _cast(dyc.sum(axis=reduce_axes, dtype=acc), cdt)                # (C,)
-    dgamma = _cast((dyc * x_hat).sum(axis=reduce_axes, dtype=acc), cdt)     # (C,)
-    scale = cache.gamma.reshape(bshape) * cache.inv_std.reshape(bshape)     # (1, C, 1, 1)
+    dbeta = _cast(dyc.sum(axis=reduce_axes, dtype=acc), cdt)  # (C,)
+    dgamma = _cast((dyc * x_hat).sum(axis=reduce_axes, dtype=acc), cdt)  # (C,)
+    scale = cache.gamma.reshape(bshape) * cache.inv_std.reshape(bshape)  # (1, C, 1, 1)
     if cache.mask is not None:  # the statistics saw only the masked positions
         m = int(cache.mask.sum())
         through_stats = (scale / m) * (dbeta.reshape(bshape) + x_hat * dgamma.reshape(bshape))
@@ -538,8 +559,17 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
     return dx.astype(cache.out_dtype, copy=False), dgamma, dbeta
 
 
-def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int = 1,
-                         backend: str = "auto", act: str = "identity"):
+def batch_norm_inference(
+    x,
+    mean,
+    var,
+    gamma,
+    beta,
+    eps: float = 1e-5,
+    axis: int = 1,
+    backend: str = "auto",
+    act: str = "identity",
+):
     """Evaluation-mode batch normalization with fixed statistics, and its cache.
 
         y = gamma * (x - mean) / sqrt(var + eps) + beta     (then ReLU with ``act="relu"``)
@@ -552,7 +582,7 @@ def batch_norm_inference(x, mean, var, gamma, beta, eps: float = 1e-5, axis: int
     eps = _check_number(eps, "eps", 0.0)
     mean = _check_channel_vector(mean, "running_mean", C, cdt)
     var = _check_channel_vector(var, "running_var", C, cdt)
-    inv_std = inv_std_of(var, eps, cdt)                                         # (C,)
+    inv_std = inv_std_of(var, eps, cdt)  # (C,)
     relu = _check_act(act)
     xc = x.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
@@ -602,13 +632,13 @@ def fold_batchnorm_params(weight, bias, running_mean, running_var, gamma, beta, 
     s = np.broadcast_to(s, var.shape)
     w = np.asarray(weight, np.float64) * s.reshape((-1,) + (1,) * (np.ndim(weight) - 1))
     b = 0.0 if bias is None else np.asarray(bias, np.float64)
-    b = (b - np.asarray(running_mean, np.float64)) * s + (0.0 if beta is None else
-                                                          np.asarray(beta, np.float64))
+    b = (b - np.asarray(running_mean, np.float64)) * s + (
+        0.0 if beta is None else np.asarray(beta, np.float64)
+    )
     return w.astype(dt), b.astype(dt)
 
 
-def renorm_correction(mean, var, eps: float, renorm_mean, renorm_std, rmax: float,
-                      dmax: float):
+def renorm_correction(mean, var, eps: float, renorm_mean, renorm_std, rmax: float, dmax: float):
     """Batch renormalization's corrections (Ioffe 2017, as Keras 2 computes them) from the
     batch statistics and the renorm averages *before* this batch's update:
 
@@ -647,8 +677,18 @@ class RenormCache:
     gamma: np.ndarray
 
 
-def batch_renorm_forward(x, gamma, beta, eps: float, axis: int, renorm_mean, renorm_std,
-                         rmax: float, dmax: float, backend: str = "auto"):
+def batch_renorm_forward(
+    x,
+    gamma,
+    beta,
+    eps: float,
+    axis: int,
+    renorm_mean,
+    renorm_std,
+    rmax: float,
+    dmax: float,
+    backend: str = "auto",
+):
     """Batch renormalization in training (Ioffe 2017):
 
         x_hat = (x - mu_B) / sigma_B          (:func:`batch_norm_forward`, batch statistics)
@@ -664,16 +704,22 @@ def batch_renorm_forward(x, gamma, beta, eps: float, axis: int, renorm_mean, ren
     g = np.ones(C, cdt) if gamma is None else np.asarray(gamma, cdt)
     _, _, bshape = _channel_axes(cache.x, cache.axis)
     b = 0 if beta is None else np.asarray(beta, cdt).reshape(bshape)
-    y = g.reshape(bshape) * (x_hat.astype(cdt, copy=False) * _cast(r, cdt).reshape(bshape)
-                             + _cast(d, cdt).reshape(bshape)) + b
+    y = (
+        g.reshape(bshape)
+        * (
+            x_hat.astype(cdt, copy=False) * _cast(r, cdt).reshape(bshape)
+            + _cast(d, cdt).reshape(bshape)
+        )
+        + b
+    )
     return y.astype(cache.out_dtype, copy=False), RenormCache(cache, r, d, g)
 
 
 def batch_renorm_backward(dy, cache: RenormCache, backend: str = "auto"):
     """dx, dgamma, dbeta of :func:`batch_renorm_forward` (r and d constant):
 
-        dx     = BN's dx with gamma * r in place of gamma
-        dgamma = sum(dy * (x_hat * r + d)),   dbeta = sum(dy)
+    dx     = BN's dx with gamma * r in place of gamma
+    dgamma = sum(dy * (x_hat * r + d)),   dbeta = sum(dy)
     """
     dy = np.asarray(dy)
     bn = cache.bn
@@ -696,8 +742,15 @@ def check_virtual_batch_size(v) -> int:
     return int(v)
 
 
-def ghost_batch_norm_forward(x, gamma, beta, eps: float = 1e-5, virtual_batch_size: int = 32,
-                             axis: int = 1, backend: str = "auto"):
+def ghost_batch_norm_forward(
+    x,
+    gamma,
+    beta,
+    eps: float = 1e-5,
+    virtual_batch_size: int = 32,
+    axis: int = 1,
+    backend: str = "auto",
+):
     """Ghost batch normalization (Hoffer et al. 2017; Keras's ``virtual_batch_size``): the
     batch is cut along axis 0 into virtual batches ``[k*v, (k+1)*v)`` of ``v`` samples,
     each normalized by :func:`batch_norm_forward` with its own statistics.
@@ -708,11 +761,13 @@ def ghost_batch_norm_forward(x, gamma, beta, eps: float = 1e-5, virtual_batch_si
     x = np.asarray(x)
     v = check_virtual_batch_size(virtual_batch_size)
     if x.ndim < 2 or x.shape[0] % v:
-        raise ValueError(f"the batch size must be a multiple of virtual_batch_size={v}, got a "
-                         f"batch of {x.shape[0] if x.ndim else 0} (input shape {x.shape})")
+        raise ValueError(
+            f"the batch size must be a multiple of virtual_batch_size={v}, got a "
+            f"batch of {x.shape[0] if x.ndim else 0} (input shape {x.shape})"
+        )
     ys, caches = [], []
     for k in range(x.shape[0] // v):
-        y, cache = batch_norm_forward(x[k * v:(k + 1) * v], gamma, beta, eps, axis, backend)
+        y, cache = batch_norm_forward(x[k * v : (k + 1) * v], gamma, beta, eps, axis, backend)
         ys.append(y)
         caches.append(cache)
     return np.concatenate(ys), caches
@@ -725,9 +780,14 @@ def ghost_batch_norm_backward(dy, caches, backend: str = "auto"):
     v = caches[0].x.shape[0]
     if dy.shape[0] != v * len(caches):
         raise ValueError(f"dy has {dy.shape[0]} samples, expected {v * len(caches)}")
-    parts = [batch_norm_backward(dy[k * v:(k + 1) * v], c, backend) for k, c in enumerate(caches)]
-    return (np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts),
-            sum(p[2] for p in parts))
+    parts = [
+        batch_norm_backward(dy[k * v : (k + 1) * v], c, backend) for k, c in enumerate(caches)
+    ]
+    return (
+        np.concatenate([p[0] for p in parts]),
+        sum(p[1] for p in parts),
+        sum(p[2] for p in parts),
+    )
 
 
 def ghost_statistics(caches):
@@ -789,13 +849,20 @@ def batch_norm(
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             _check_running_buffer(buf, name, x.shape[channel])
         y, cache = batch_norm_forward(x, weight, bias, eps=eps, axis=axis, backend=backend)
-        update_running_stats(running_mean, running_var, cache.mean, cache.var,
-                             _count(x.shape, reduce_axes), momentum)
+        update_running_stats(
+            running_mean,
+            running_var,
+            cache.mean,
+            cache.var,
+            _count(x.shape, reduce_axes),
+            momentum,
+        )
         return y
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
-    y, _ = batch_norm_inference(x, running_mean, running_var, weight, bias, eps=eps, axis=axis,
-                                backend=backend)
+    y, _ = batch_norm_inference(
+        x, running_mean, running_var, weight, bias, eps=eps, axis=axis, backend=backend
+    )
     return y
 
 
@@ -822,8 +889,8 @@ def standardize(x, axis=None, eps: float = 0.0):
     if x.size == 0:
         return x.copy()
     cdt = _compute_dtype(x.dtype)
-    mean, var = _moments_keepdims(x, axes)                      # keepdims, float64
-    with np.errstate(divide="ignore"):                          # eps = 0, constant: 0 * inf
+    mean, var = _moments_keepdims(x, axes)  # keepdims, float64
+    with np.errstate(divide="ignore"):  # eps = 0, constant: 0 * inf
         inv_std = 1.0 / np.sqrt(var + eps)
     z = _normalize(x.astype(cdt, copy=False), _cast(mean, cdt), _cast(inv_std, cdt), mean.shape)
     return z.astype(x.dtype, copy=False)
@@ -861,6 +928,6 @@ def minmax_scale(x, axis=None, feature_range=(0, 1)):
     acc = _accumulator(x.dtype)
     xmin = x.min(axis=axes, keepdims=True).astype(acc)
     span = x.max(axis=axes, keepdims=True).astype(acc) - xmin
-    span = np.where(span == 0, 1.0, span)                       # constant: maps to lo
+    span = np.where(span == 0, 1.0, span)  # constant: maps to lo
     y = (x.astype(acc) - xmin) * ((hi - lo) / span) + lo
     return y.astype(x.dtype)

@@ -15,9 +15,16 @@ from . import nn
 from .nn import init
 
 
-def seed_cnn(bn: bool = True, *, in_channels: int = 1, image_size: int = 28,
-             num_classes: int = 10, channels: tuple[int, int] = (8, 16), seed: int = 0,
-             dtype=np.float32) -> nn.Sequential:
+def seed_cnn(
+    bn: bool = True,
+    *,
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    channels: tuple[int, int] = (8, 16),
+    seed: int = 0,
+    dtype=np.float32,
+) -> nn.Sequential:
     """The lesson's CNN: [conv 3x3 -> BN -> ReLU -> max-pool 2x2] x 2 -> linear.
 
     Args:
@@ -49,9 +56,17 @@ def seed_cnn(bn: bool = True, *, in_channels: int = 1, image_size: int = 28,
     return nn.Sequential(*layers)
 
 
-def paper_mlp(bn: bool = True, activation: str = "sigmoid", *, in_features: int = 784,
-              hidden: tuple[int, ...] = (100, 100, 100), num_classes: int = 10,
-              weight_std: float | None = None, seed: int = 0, dtype=np.float32) -> nn.Sequential:
+def paper_mlp(
+    bn: bool = True,
+    activation: str = "sigmoid",
+    *,
+    in_features: int = 784,
+    hidden: tuple[int, ...] = (100, 100, 100),
+    num_classes: int = 10,
+    weight_std: float | None = None,
+    seed: int = 0,
+    dtype=np.float32,
+) -> nn.Sequential:
     """The paper's MLP (Ioffe & Szegedy 2015, section 4.1): 784-100-100-100-10.
 
     Each hidden layer is Linear -> [BatchNorm1d] -> activation; the input is flattened

@@ -13,14 +13,16 @@ import tempfile
 import time
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO
 
 import numpy as np
 
 from . import kernels, nn
 from .data import Dataset, iterate_batches
+from .extras import need
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -30,13 +32,13 @@ class History:
     """What ``fit`` measured. ``step`` counts optimizer updates from 1."""
 
     step: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)          # training batch loss
-    accuracy: list[float] = field(default_factory=list)      # training batch accuracy
+    loss: list[float] = field(default_factory=list)  # training batch loss
+    accuracy: list[float] = field(default_factory=list)  # training batch accuracy
     eval_step: list[int] = field(default_factory=list)
     test_loss: list[float] = field(default_factory=list)
     test_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    diverged: bool = False                                    # loss became NaN/inf; stopped
+    diverged: bool = False  # loss became NaN/inf; stopped
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,8 +57,7 @@ class History:
         return None
 
 
-def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
-                   weight_decay: float = 0.0):
+def make_optimizer(name: str, params, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
     if name == "sgd":
         return nn.SGD(params, lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -64,8 +65,9 @@ def make_optimizer(name: str, params, lr: float, momentum: float = 0.0,
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def evaluate(model: nn.Module, data: Dataset, *, split: str = "test",
-             batch_size: int = 1000) -> dict:
+def evaluate(
+    model: nn.Module, data: Dataset, *, split: str = "test", batch_size: int = 1000
+) -> dict:
     """Loss and accuracy of ``model`` in evaluation mode on a split ("test" or "train").
 
     BN layers use their running statistics; the model's train/eval mode is restored after.
@@ -90,11 +92,23 @@ def evaluate(model: nn.Module, data: Dataset, *, split: str = "test",
     return {"accuracy": correct / n, "loss": total_loss / n}
 
 
-def fit(model: nn.Module, data: Dataset, *, epochs: int = 1, steps: int | None = None,
-        lr: float = 0.01, batch_size: int = 64, optimizer: str = "sgd", momentum: float = 0.0,
-        weight_decay: float = 0.0, seed: int = 0, eval_every: int | None = None,
-        progress: bool = True, desc: str | None = None,
-        callback: Callable[[int, nn.Module], None] | None = None) -> History:
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int = 1,
+    steps: int | None = None,
+    lr: float = 0.01,
+    batch_size: int = 64,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    eval_every: int | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> History:
     """Train ``model`` on ``data.train`` with cross-entropy; return a :class:`History`.
 
     Args:
@@ -128,10 +142,11 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int = 1, steps: int | None =
 
     def batches():
         while True:
-            yield from iterate_batches(*data.train, batch_size, shuffle=True, drop_last=True,
-                                       rng=rng)
+            yield from iterate_batches(
+                *data.train, batch_size, shuffle=True, drop_last=True, rng=rng
+            )
 
-    from tqdm.auto import tqdm
+    tqdm = need("tqdm.auto", "the progress bar").tqdm
 
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)
     model.train()
@@ -179,7 +194,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is damaged, not a bnlab checkpoint, or does not fit the model."""
 
 
-def atomic_write(path, write: Callable[[object], None]) -> Path:
+def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
     """Write ``path`` via a temporary file in the same folder and ``os.replace``: readers see
     the old file or the complete new one, never a half-written file."""
     path = Path(path)
@@ -205,7 +220,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, **meta) -> Path:
         arrays.update({f"optim/{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
     arrays["format"] = np.array(CHECKPOINT_FORMAT)
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+    return atomic_write(path, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
 
 
 def read_checkpoint(path) -> tuple[dict, dict, dict]:
@@ -219,18 +234,23 @@ def read_checkpoint(path) -> tuple[dict, dict, dict]:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged or not a bnlab checkpoint ({e})") from e
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or not a bnlab checkpoint ({e})"
+        ) from e
     if str(arrays.get("format", "")) != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a bnlab checkpoint (format "
-                              f"{arrays.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is not a bnlab checkpoint (format "
+            f"{arrays.get('format')!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
     try:
         meta = json.loads(str(arrays["meta"]))
     except (KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is damaged: its metadata is missing or "
-                              f"not JSON ({e})") from e
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its metadata is missing or not JSON ({e})"
+        ) from e
 
     def part(prefix):
-        return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
     return part("model/"), part("optim/"), meta
 

@@ -8,5 +8,12 @@ from .batches import iterate_batches
 from .datasets import DATASETS, Dataset, DatasetError, load
 from .files import read_cifar10_tarball, read_idx
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "iterate_batches", "load",
-           "read_cifar10_tarball", "read_idx"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DatasetError",
+    "iterate_batches",
+    "load",
+    "read_cifar10_tarball",
+    "read_idx",
+]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 
-def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                    shuffle: bool = True, drop_last: bool = False,
-                    rng: np.random.Generator | int | None = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iterate_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    drop_last: bool = False,
+    rng: np.random.Generator | int | None = 0,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of ``(images[idx], labels[idx])`` mini-batches.
 
     Args:
@@ -32,5 +38,5 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
         order = np.arange(n)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         yield images[idx], labels[idx]

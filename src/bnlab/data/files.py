@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..extras import need
+
 
 class DatasetError(RuntimeError):
     """A dataset file is missing, damaged or not what it claims to be."""
 
 
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -31,7 +33,9 @@ def _read_bytes(path: Path) -> bytes:
                 return f.read()
         return path.read_bytes()
     except (EOFError, OSError, gzip.BadGzipFile) as e:
-        raise DatasetError(f"{path} is damaged or truncated ({e}); delete it and fetch it again") from e
+        raise DatasetError(
+            f"{path} is damaged or truncated ({e}); delete it and fetch it again"
+        ) from e
 
 
 def read_idx(path) -> np.ndarray:
@@ -48,12 +52,16 @@ def read_idx(path) -> np.ndarray:
     dtype = np.dtype(_IDX_TYPES[raw[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise DatasetError(f"{path} is truncated or padded: shape {shape} needs {expected} bytes, "
-                           f"file has {len(raw)}")
+        raise DatasetError(
+            f"{path} is truncated or padded: shape {shape} needs {expected} bytes, "
+            f"file has {len(raw)}"
+        )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def read_cifar10_tarball(path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def read_cifar10_tarball(
+    path,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Read CIFAR-10's python tarball -> ((train_x, train_y), (test_x, test_y)), x uint8 NCHW."""
     path = Path(path)
 
@@ -71,7 +79,9 @@ def read_cifar10_tarball(path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.
             train = [batch(tar, f"data_batch_{i}") for i in range(1, 6)]
             test = batch(tar, "test_batch")
     except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError, KeyError) as e:
-        raise DatasetError(f"{path} is damaged or truncated ({e}); delete it and fetch it again") from e
+        raise DatasetError(
+            f"{path} is damaged or truncated ({e}); delete it and fetch it again"
+        ) from e
     return (np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train])), test
 
 
@@ -83,8 +93,15 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def fetch(root: Path, filename: str, expected_sha256: str, urls: list[str], *,
-          download: bool = True, dataset: str = "") -> Path:
+def fetch(
+    root: Path,
+    filename: str,
+    expected_sha256: str,
+    urls: list[str],
+    *,
+    download: bool = True,
+    dataset: str = "",
+) -> Path:
     """Return ``root/filename`` after checking its SHA-256, downloading it first if absent.
 
     Downloads go through pooch (which also checks the hash). A present file with the wrong
@@ -96,22 +113,33 @@ def fetch(root: Path, filename: str, expected_sha256: str, urls: list[str], *,
     if path.exists():
         got = sha256(path)
         if got != expected_sha256:
-            raise DatasetError(f"{path} has SHA-256 {got}, expected {expected_sha256} for "
-                               f"{dataset or filename}: the file is damaged or a different "
-                               f"version; delete it to download it again")
+            raise DatasetError(
+                f"{path} has SHA-256 {got}, expected {expected_sha256} for "
+                f"{dataset or filename}: the file is damaged or a different "
+                f"version; delete it to download it again"
+            )
         return path
-    where = (f"put {filename} (SHA-256 {expected_sha256}) in {root}, from {urls[0]}")
+    where = f"put {filename} (SHA-256 {expected_sha256}) in {root}, from {urls[0]}"
     if not download:
         raise DatasetError(f"{dataset or filename}: {path} not found; {where}")
-    import pooch
+    pooch = need("pooch", "downloading datasets")
 
     root.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
         try:
-            return Path(pooch.retrieve(url, known_hash=f"sha256:{expected_sha256}",
-                                       fname=filename, path=root, progressbar=False))
+            return Path(
+                pooch.retrieve(
+                    url,
+                    known_hash=f"sha256:{expected_sha256}",
+                    fname=filename,
+                    path=root,
+                    progressbar=False,
+                )
+            )
         except Exception as e:  # network errors and hash mismatches alike: try the next mirror
             errors.append(f"{url}: {type(e).__name__}: {str(e)[:120]}")
-    raise DatasetError(f"{dataset or filename}: could not download {filename} "
-                       f"({'; '.join(errors)}). Offline? Then {where}")
+    raise DatasetError(
+        f"{dataset or filename}: could not download {filename} "
+        f"({'; '.join(errors)}). Offline? Then {where}"
+    )

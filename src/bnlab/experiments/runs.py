@@ -25,9 +25,13 @@ def run_dir(out, prefix: str) -> Path:
 def environment() -> dict:
     import bnlab
 
-    return {"bnlab": bnlab.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
-            "machine": platform.machine(),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:])}
+    return {
+        "bnlab": bnlab.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
 
 
 def write_json(path, obj) -> Path:

@@ -12,10 +12,10 @@ from .runs import environment, run_dir, write_json
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "cnn"                # "cnn" (seed CNN) or "mlp" (the paper's MLP)
+    model: str = "cnn"  # "cnn" (seed CNN) or "mlp" (the paper's MLP)
     bn: bool = True
-    activation: str = "sigmoid"       # MLP only
-    weight_std: float | None = None   # MLP only: N(0, std^2) weights
+    activation: str = "sigmoid"  # MLP only
+    weight_std: float | None = None  # MLP only: N(0, std^2) weights
     dataset: str = "mnist-5k"
     epochs: int = 5
     steps: int | None = None
@@ -31,12 +31,22 @@ class TrainConfig:
 def build_model(config: TrainConfig, data):
     C, S, _ = data.image_shape
     if config.model == "cnn":
-        return models.seed_cnn(bn=config.bn, in_channels=C, image_size=S,
-                               num_classes=data.num_classes, seed=config.seed)
+        return models.seed_cnn(
+            bn=config.bn,
+            in_channels=C,
+            image_size=S,
+            num_classes=data.num_classes,
+            seed=config.seed,
+        )
     if config.model == "mlp":
-        return models.paper_mlp(bn=config.bn, activation=config.activation,
-                                in_features=C * S * S, num_classes=data.num_classes,
-                                weight_std=config.weight_std, seed=config.seed)
+        return models.paper_mlp(
+            bn=config.bn,
+            activation=config.activation,
+            in_features=C * S * S,
+            num_classes=data.num_classes,
+            weight_std=config.weight_std,
+            seed=config.seed,
+        )
     raise ValueError(f'model must be "cnn" or "mlp", got {config.model!r}')
 
 
@@ -46,24 +56,48 @@ def run(config: TrainConfig, out=None, init_from=None, progress=True, print_fn=p
     if init_from is not None:
         meta = load_checkpoint(init_from, model)
         print_fn(f"initialized from {init_from} (saved after step {meta.get('step')})")
-    hist = fit(model, data, epochs=config.epochs, steps=config.steps, lr=config.lr,
-               batch_size=config.batch_size, optimizer=config.optimizer,
-               momentum=config.momentum, weight_decay=config.weight_decay, seed=config.seed,
-               eval_every=config.eval_every, progress=progress,
-               desc=f"{config.model}, {'with' if config.bn else 'without'} BN")
+    hist = fit(
+        model,
+        data,
+        epochs=config.epochs,
+        steps=config.steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        optimizer=config.optimizer,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        seed=config.seed,
+        eval_every=config.eval_every,
+        progress=progress,
+        desc=f"{config.model}, {'with' if config.bn else 'without'} BN",
+    )
     folder = run_dir(out, "train")
     name = "bn" if config.bn else "plain"
-    results = {"experiment": "train", "dataset": data.name, "config": asdict(config),
-               "title": f"{config.model.upper()} on {data.name}",
-               "runs": {name: hist.to_dict()}, "environment": environment()}
+    results = {
+        "experiment": "train",
+        "dataset": data.name,
+        "config": asdict(config),
+        "title": f"{config.model.upper()} on {data.name}",
+        "runs": {name: hist.to_dict()},
+        "environment": environment(),
+    }
     write_json(folder / "results.json", results)
     report.write_report(results, folder)
-    save_checkpoint(folder / "checkpoint.npz", model, config=asdict(config),
-                    step=hist.step[-1], test_accuracy=hist.test_accuracy[-1])
-    print_fn(f"{'diverged at' if hist.diverged else 'finished'} step {hist.step[-1]}: "
-             f"test accuracy {hist.test_accuracy[-1]:.4f}, test loss {hist.test_loss[-1]:.4f} "
-             f"({hist.seconds:.1f} s)")
-    print_fn(f"wrote {folder / 'results.json'}, {folder / 'learning_curves.png'}, "
-             f"{folder / 'report.md'}, {folder / 'checkpoint.npz'}")
+    save_checkpoint(
+        folder / "checkpoint.npz",
+        model,
+        config=asdict(config),
+        step=hist.step[-1],
+        test_accuracy=hist.test_accuracy[-1],
+    )
+    print_fn(
+        f"{'diverged at' if hist.diverged else 'finished'} step {hist.step[-1]}: "
+        f"test accuracy {hist.test_accuracy[-1]:.4f}, test loss {hist.test_loss[-1]:.4f} "
+        f"({hist.seconds:.1f} s)"
+    )
+    print_fn(
+        f"wrote {folder / 'results.json'}, {folder / 'learning_curves.png'}, "
+        f"{folder / 'report.md'}, {folder / 'checkpoint.npz'}"
+    )
     results["run_dir"] = str(folder)
     return results

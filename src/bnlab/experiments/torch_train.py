@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import data as datasets
 from .. import report
+from ..extras import need
 from ..train import History, load_checkpoint, save_checkpoint
 from .runs import environment, run_dir, write_json
 from .single import TrainConfig, build_model
@@ -35,8 +36,16 @@ def _torchrun() -> bool:
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def run(config: TrainConfig, out=None, device: str = "cpu", nproc: int = 1, init_from=None,
-        progress: bool = True, print_fn=print, timeout: float | None = None) -> dict:
+def run(
+    config: TrainConfig,
+    out=None,
+    device: str = "cpu",
+    nproc: int = 1,
+    init_from=None,
+    progress: bool = True,
+    print_fn=print,
+    timeout: float | None = None,
+) -> dict:
     """Train with ``nproc`` local processes (or as one rank under torchrun); rank 0's
     results (the dict written to results.json, with ``run_dir``) come back."""
     import torch
@@ -51,8 +60,10 @@ def run(config: TrainConfig, out=None, device: str = "cpu", nproc: int = 1, init
     backend = distributed.backend_for(device)
     if _torchrun():
         if nproc != 1:
-            raise ValueError("under torchrun the process count is torchrun's "
-                             "(--nproc-per-node, --nnodes); leave --nproc out")
+            raise ValueError(
+                "under torchrun the process count is torchrun's "
+                "(--nproc-per-node, --nnodes); leave --nproc out"
+            )
         rank, world = distributed.init_from_env(backend, timeout)
         folder = run_dir(out, "train") if rank == 0 else None
         try:
@@ -67,20 +78,30 @@ def run(config: TrainConfig, out=None, device: str = "cpu", nproc: int = 1, init
             results = _train(0, 1, config, str(folder), device, init_from, progress)
         else:
             if device == "cuda" and nproc > torch.cuda.device_count():
-                raise ValueError(f"--nproc {nproc} needs {nproc} GPUs, torch sees "
-                                 f"{torch.cuda.device_count()}")
+                raise ValueError(
+                    f"--nproc {nproc} needs {nproc} GPUs, torch sees {torch.cuda.device_count()}"
+                )
             threads = max(1, (os.cpu_count() or 1) // nproc)
-            distributed.launch(_worker, nproc, args=(config, str(folder), device, init_from,
-                                                     progress),
-                               backend=backend, timeout=timeout, threads=threads)
+            distributed.launch(
+                _worker,
+                nproc,
+                args=(config, str(folder), device, init_from, progress),
+                backend=backend,
+                timeout=timeout,
+                threads=threads,
+            )
             results = json.loads((folder / "results.json").read_text())
     hist = results["runs"][next(iter(results["runs"]))]
-    print_fn(f"{'diverged at' if hist['diverged'] else 'finished'} step {hist['step'][-1]} "
-             f"on {results['world_size']} process(es): test accuracy "
-             f"{hist['test_accuracy'][-1]:.4f}, test loss {hist['test_loss'][-1]:.4f} "
-             f"({hist['seconds']:.1f} s)")
-    print_fn(f"wrote {Path(results['run_dir']) / 'results.json'}, learning_curves.png, "
-             f"report.md, checkpoint.npz")
+    print_fn(
+        f"{'diverged at' if hist['diverged'] else 'finished'} step {hist['step'][-1]} "
+        f"on {results['world_size']} process(es): test accuracy "
+        f"{hist['test_accuracy'][-1]:.4f}, test loss {hist['test_loss'][-1]:.4f} "
+        f"({hist['seconds']:.1f} s)"
+    )
+    print_fn(
+        f"wrote {Path(results['run_dir']) / 'results.json'}, learning_curves.png, "
+        f"report.md, checkpoint.npz"
+    )
     return results
 
 
@@ -102,8 +123,9 @@ def _optimizer(config: TrainConfig, params):
     import torch
 
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -115,8 +137,8 @@ def _evaluate(model, images, labels, device, batch_size=1000) -> dict:
     total, correct = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(labels), batch_size):
-            x = torch.from_numpy(images[i:i + batch_size]).to(device)
-            y = torch.from_numpy(labels[i:i + batch_size]).long().to(device)
+            x = torch.from_numpy(images[i : i + batch_size]).to(device)
+            y = torch.from_numpy(labels[i : i + batch_size]).long().to(device)
             logits = model(x)
             total += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
@@ -139,9 +161,13 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
     data = datasets.load(config.dataset)
     ref, net = _torch_model(config, data, init_from)
     net = bt.convert(net.to(device), sync=world > 1)
-    model = (torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[torch.device(device).index] if device != "cpu" else None)
-        if world > 1 else net)
+    model = (
+        torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[torch.device(device).index] if device != "cpu" else None
+        )
+        if world > 1
+        else net
+    )
     opt = _optimizer(config, model.parameters())
     images, labels = data.train
     B = config.batch_size
@@ -159,11 +185,15 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
         while True:
             yield from iterate_batches(images, labels, B, shuffle=True, drop_last=True, rng=rng)
 
-    from tqdm.auto import tqdm
+    tqdm = need("tqdm.auto", "the progress bar").tqdm
 
-    bar = tqdm(total=total, desc=f"{config.model} (torch, {world} process"
-               f"{'es' if world > 1 else ''})", disable=not progress or rank != 0,
-               unit="step", leave=False)
+    bar = tqdm(
+        total=total,
+        desc=f"{config.model} (torch, {world} process{'es' if world > 1 else ''})",
+        disable=not progress or rank != 0,
+        unit="step",
+        leave=False,
+    )
     hist = History()
     net.train()
     start = time.perf_counter()
@@ -175,8 +205,7 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
         opt.zero_grad()
         (loss_sum * (world / B)).backward()  # DDP averages: the global batch's mean
         opt.step()
-        stats = torch.stack([loss_sum.detach().double(),
-                             (logits.argmax(1) == y).sum().double()])
+        stats = torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double()])
         if world > 1:
             dist.all_reduce(stats)
         loss, accuracy = float(stats[0]) / B, float(stats[1]) / B
@@ -206,20 +235,32 @@ def _write_run(rank, world, config, folder, device, data, ref, net, hist) -> dic
     if rank != 0:
         return {}
     if hist.diverged:
-        hist.record_eval(hist.step[-1], _evaluate(net, *data.test, device))
+        images, labels = data.test
+        hist.record_eval(hist.step[-1], _evaluate(net, images, labels, device))
     folder = Path(folder)
     name = "bn" if config.bn else "plain"
-    results = {"experiment": "train", "engine": "torch", "device": device, "world_size": world,
-               "dataset": data.name, "config": asdict(config),
-               "title": f"{config.model.upper()} on {data.name} (PyTorch, {world} process"
-                        f"{'es' if world > 1 else ''})",
-               "runs": {name: hist.to_dict()},
-               "environment": {**environment(), "torch": torch.__version__},
-               "run_dir": str(folder)}
+    results = {
+        "experiment": "train",
+        "engine": "torch",
+        "device": device,
+        "world_size": world,
+        "dataset": data.name,
+        "config": asdict(config),
+        "title": f"{config.model.upper()} on {data.name} (PyTorch, {world} process"
+        f"{'es' if world > 1 else ''})",
+        "runs": {name: hist.to_dict()},
+        "environment": {**environment(), "torch": torch.__version__},
+        "run_dir": str(folder),
+    }
     write_json(folder / "results.json", results)
     report.write_report(results, folder)
     if not hist.diverged:  # a checkpoint holds finite weights only
         ref.load_state_dict({k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
-        save_checkpoint(folder / "checkpoint.npz", ref, config=asdict(config),
-                        step=hist.step[-1], test_accuracy=hist.test_accuracy[-1])
+        save_checkpoint(
+            folder / "checkpoint.npz",
+            ref,
+            config=asdict(config),
+            step=hist.step[-1],
+            test_accuracy=hist.test_accuracy[-1],
+        )
     return results

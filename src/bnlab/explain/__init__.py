@@ -41,8 +41,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def _stats(v: np.ndarray) -> dict:
-    return {"mean": float(v.mean(dtype=np.float64)), "var": float(v.var(dtype=np.float64)),
-            "min": float(v.min()), "max": float(v.max())}
+    return {
+        "mean": float(v.mean(dtype=np.float64)),
+        "var": float(v.var(dtype=np.float64)),
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 def _network(net, image_shape) -> list[dict]:
@@ -53,8 +57,9 @@ def _network(net, image_shape) -> list[dict]:
     for name, layer in net._modules.items():
         x = layer(x)
         kind = type(layer).__name__
-        layers.append({"name": name, "kind": kind, "shape": list(x.shape[1:]),
-                       "bn": "BatchNorm" in kind})
+        layers.append(
+            {"name": name, "kind": kind, "shape": list(x.shape[1:]), "bn": "BatchNorm" in kind}
+        )
     return layers
 
 
@@ -66,16 +71,16 @@ def page_data(seed: int = 0) -> dict:
     from ..nn import BatchNorm2d
 
     data = datasets.load("mnist-5k")
-    images = data.train[0]                                       # (4000, 1, 28, 28)
+    images = data.train[0]  # (4000, 1, 28, 28)
     order = np.random.default_rng(seed).permutation(len(images))
     net = models.seed_cnn(seed=seed)
     conv = net[0]
-    x = conv(images[order[:max(SIZES)]])                         # (256, 8, 28, 28)
+    x = conv(images[order[: max(SIZES)]])  # (256, 8, 28, 28)
     C = x.shape[1]
-    bn = BatchNorm2d(C)                                          # running statistics
-    rest = order[max(SIZES):]
+    bn = BatchNorm2d(C)  # running statistics
+    rest = order[max(SIZES) :]
     for i in range(RUNNING_BATCHES):
-        bn(conv(images[rest[i * 64:(i + 1) * 64]]))
+        bn(conv(images[rest[i * 64 : (i + 1) * 64]]))
     batches = {}
     for B in SIZES:
         xb = x[:B]
@@ -87,21 +92,39 @@ def page_data(seed: int = 0) -> dict:
         for c in range(C):
             v = xb[:, c].ravel()
             counts, edges = np.histogram(v.astype(np.float64), bins=BINS)
-            rows.append({"mean": float(cache.mean[c]), "var": float(cache.var[c]),
-                         "min": float(v.min()), "max": float(v.max()),
-                         "edges": [float(edges[0]), float(edges[-1])],
-                         "counts": counts.tolist(), "zscore": _stats(z[:, c]),
-                         "minmax": _stats(mm[:, c])})
+            rows.append(
+                {
+                    "mean": float(cache.mean[c]),
+                    "var": float(cache.var[c]),
+                    "min": float(v.min()),
+                    "max": float(v.max()),
+                    "edges": [float(edges[0]), float(edges[-1])],
+                    "counts": counts.tolist(),
+                    "zscore": _stats(z[:, c]),
+                    "minmax": _stats(mm[:, c]),
+                }
+            )
         batches[str(B)] = rows
     samples = (images[order[:16], 0] * 255).round().astype(np.uint8)
-    return {"sizes": list(SIZES), "default_size": DEFAULT_SIZE, "default_channel": DEFAULT_CHANNEL,
-            "channels": C, "eps": EPS, "bins": BINS, "batches": batches,
-            "running": {"mean": bn.running_mean.astype(float).tolist(),
-                        "var": bn.running_var.astype(float).tolist(),
-                        "batches": int(bn.num_batches_tracked), "momentum": bn.momentum},
-            "network": _network(net, images.shape[1:]),
-            "samples": base64.b64encode(samples.tobytes()).decode(),
-            "sample_shape": list(samples.shape), "run": None}
+    return {
+        "sizes": list(SIZES),
+        "default_size": DEFAULT_SIZE,
+        "default_channel": DEFAULT_CHANNEL,
+        "channels": C,
+        "eps": EPS,
+        "bins": BINS,
+        "batches": batches,
+        "running": {
+            "mean": bn.running_mean.astype(float).tolist(),
+            "var": bn.running_var.astype(float).tolist(),
+            "batches": int(bn.num_batches_tracked),
+            "momentum": bn.momentum,
+        },
+        "network": _network(net, images.shape[1:]),
+        "samples": base64.b64encode(samples.tobytes()).decode(),
+        "sample_shape": list(samples.shape),
+        "run": None,
+    }
 
 
 def _thin(xs, ys, most: int = 400):
@@ -123,8 +146,7 @@ def _curves(h: dict) -> dict | None:
     if steps and h.get("test_accuracy"):
         out["accuracy"] = _thin(steps, h["test_accuracy"])
     if isinstance(h.get("percentiles"), dict) and h.get("probe_steps"):
-        out["percentiles"] = {q: _thin(h["probe_steps"], v)
-                              for q, v in h["percentiles"].items()}
+        out["percentiles"] = {q: _thin(h["probe_steps"], v) for q, v in h["percentiles"].items()}
     return out or None
 
 
@@ -136,20 +158,27 @@ def run_curves(run_dir) -> dict:
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     path = run_dir / "results.json"
     if not path.exists():
-        raise ValueError(f"{run_dir} has no curves: expected results.json from bnlab train, "
-                         f"compare or reproduce")
+        raise ValueError(
+            f"{run_dir} has no curves: expected results.json from bnlab train, "
+            f"compare or reproduce"
+        )
     try:
         results = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
     runs = results.get("runs") if isinstance(results, dict) else None
-    curves = {name: c for name, h in (runs or {}).items()
-              if isinstance(h, dict) and (c := _curves(h))}
+    curves = {
+        name: c for name, h in (runs or {}).items() if isinstance(h, dict) and (c := _curves(h))
+    }
     if not curves:
-        raise ValueError(f"{path} has no curves: expected 'runs' holding losses or "
-                         f"accuracies by step")
-    return {"folder": str(run_dir), "title": results.get("title") or results.get("experiment")
-            or run_dir.name, "curves": curves}
+        raise ValueError(
+            f"{path} has no curves: expected 'runs' holding losses or accuracies by step"
+        )
+    return {
+        "folder": str(run_dir),
+        "title": results.get("title") or results.get("experiment") or run_dir.name,
+        "curves": curves,
+    }
 
 
 def _asset(name: str) -> str:
@@ -158,13 +187,22 @@ def _asset(name: str) -> str:
 
 def render(data: dict) -> str:
     """The page: the template with the style, the data, Chart.js and the script inlined."""
-    chart = re.sub(r"^//# sourceMappingURL=.*$", "", _asset("vendor/chart.umd.min.js"),
-                   flags=re.M)  # nothing for the browser to fetch
+    chart = re.sub(
+        r"^//# sourceMappingURL=.*$", "", _asset("vendor/chart.umd.min.js"), flags=re.M
+    )  # nothing for the browser to fetch
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    parts = {"STYLE": _asset("style.css"), "CHARTJS": chart, "DATA": payload,
-             "CHARTJS_LICENSE": _asset("vendor/LICENSE.chart.js.md"), "APP": _asset("app.js")}
-    return re.sub(r"/\*(STYLE|CHARTJS_LICENSE|CHARTJS|DATA|APP)\*/",
-                  lambda m: parts[m.group(1)], _asset("page.html"))  # one pass
+    parts = {
+        "STYLE": _asset("style.css"),
+        "CHARTJS": chart,
+        "DATA": payload,
+        "CHARTJS_LICENSE": _asset("vendor/LICENSE.chart.js.md"),
+        "APP": _asset("app.js"),
+    }
+    return re.sub(
+        r"/\*(STYLE|CHARTJS_LICENSE|CHARTJS|DATA|APP)\*/",
+        lambda m: parts[m.group(1)],
+        _asset("page.html"),
+    )  # one pass
 
 
 def build(out=None, run=None, seed: int = 0) -> Path:

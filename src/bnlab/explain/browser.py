@@ -8,9 +8,17 @@ import shutil
 
 # Chromium's own background connections off: this machine's network is closed, and the
 # page must not need one
-FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-sync", "--disable-component-update",
-         "--disable-dev-shm-usage")
+FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-sync",
+    "--disable-component-update",
+    "--disable-dev-shm-usage",
+)
 
 
 def available() -> bool:
@@ -24,10 +32,12 @@ def chromium(profile_dir, width: int = 1280, height: int = 800):
     from selenium.webdriver.chrome.service import Service
 
     if not available():
-        raise RuntimeError("Debian's chromium and chromium-driver are not installed: "
-                           "apt-get install chromium chromium-driver")
+        raise RuntimeError(
+            "Debian's chromium and chromium-driver are not installed: "
+            "apt-get install chromium chromium-driver"
+        )
     options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
+    options.binary_location = shutil.which("chromium") or "chromium"
     for arg in (*FLAGS, f"--window-size={width},{height}", f"--user-data-dir={profile_dir}"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})

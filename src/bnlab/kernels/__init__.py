@@ -21,7 +21,7 @@ import numpy as np
 
 BACKENDS = ("auto", "numpy", "numba")
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # compute dtypes the kernels take
-_loaded = {}
+_loaded: dict[str, object] = {}
 
 
 def _numba_module():
@@ -49,10 +49,12 @@ def _triton_module():
 def missing_numba_message() -> str:
     """What a missing numba costs, said once (by :func:`resolve` and bnlab.torch's engine
     layer)."""
-    return (f"bnlab: numba failed to import ({_numba_module()}), so bnlab's fused CPU kernels "
-            "are unavailable: NumPy calls run the NumPy reference instead (a training "
-            "forward+backward about 9x slower in docs/bench/run-7.json, one run) and "
-            "bnlab.torch runs torch's own kernel on CPU; pip install numba")
+    return (
+        f"bnlab: numba failed to import ({_numba_module()}), so bnlab's fused CPU kernels "
+        "are unavailable: NumPy calls run the NumPy reference instead (a training "
+        "forward+backward about 9x slower in docs/bench/run-7.json, one run) and "
+        "bnlab.torch runs torch's own kernel on CPU; pip install numba"
+    )
 
 
 _said: set[str] = set()
@@ -77,8 +79,9 @@ def resolve_triton():
     """
     mod = _triton_module()
     if isinstance(mod, ImportError):
-        raise ImportError(f"the Triton kernels need triton, which failed to import: {mod}; "
-                          f"pip install triton") from mod
+        raise ImportError(
+            f"the Triton kernels need triton, which failed to import: {mod}; pip install triton"
+        ) from mod
     return mod
 
 
@@ -108,8 +111,10 @@ def resolve(backend: str = "auto", dtype=None):
     if isinstance(mod, ImportError):
         raise ImportError(f'backend="numba" needs numba, which failed to import: {mod}')
     if dtype is not None and dtype not in DTYPES:
-        raise TypeError(f'backend="numba" computes in float32 or float64 (float16 through '
-                        f'float32), got {np.dtype(dtype)}; use backend="numpy" for it')
+        raise TypeError(
+            f'backend="numba" computes in float32 or float64 (float16 through '
+            f'float32), got {np.dtype(dtype)}; use backend="numpy" for it'
+        )
     return mod
 
 

@@ -169,8 +169,7 @@ def _cf_backward(x, dy, mean, inv_std, gamma, batch_stats, out, beta, relu):
     za = gamma * inv_std
     dbeta, p = _cf_grad_sums(x, dy, mean, za, beta, relu)
     dgamma = p * inv_std
-    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, x.shape[0] * x.shape[2],
-                               batch_stats)
+    A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, gamma, x.shape[0] * x.shape[2], batch_stats)
     _cf_dx(x, dy, mean, A, B, D, out, za, beta, relu)
     return dgamma, dbeta
 
@@ -226,8 +225,8 @@ def _cl_sums(x, rb, cb):
                 s[c] += (v0 + v1) + (v2 + v3)
                 q[c] += (v0 * v0 + v1 * v1) + (v2 * v2 + v3 * v3)
             r += 4
-        for r in range(r, r1):
-            xr = x[r, c0:c1]
+        for rest in range(r, r1):
+            xr = x[rest, c0:c1]
             for c in range(xr.shape[0]):
                 v = np.float64(xr[c]) - k[c]
                 s[c] += v
@@ -288,11 +287,12 @@ def _cl_grad_sums(x, dy, mean, za, zb, relu, rb, cb):
                 a2 = _gate(np.float64(g2[c]), np.float64(x2[c]), m, u, v, relu)
                 a3 = _gate(np.float64(g3[c]), np.float64(x3[c]), m, u, v, relu)
                 s[c] += (a0 + a1) + (a2 + a3)
-                p[c] += ((a0 * (np.float64(x0[c]) - mu[c]) + a1 * (np.float64(x1[c]) - mu[c]))
-                         + (a2 * (np.float64(x2[c]) - mu[c]) + a3 * (np.float64(x3[c]) - mu[c])))
+                p[c] += (a0 * (np.float64(x0[c]) - mu[c]) + a1 * (np.float64(x1[c]) - mu[c])) + (
+                    a2 * (np.float64(x2[c]) - mu[c]) + a3 * (np.float64(x3[c]) - mu[c])
+                )
             r += 4
-        for r in range(r, r1):
-            xr, gr = x[r, c0:c1], dy[r, c0:c1]
+        for rest in range(r, r1):
+            xr, gr = x[rest, c0:c1], dy[rest, c0:c1]
             for c in range(xr.shape[0]):
                 g = _gate(np.float64(gr[c]), np.float64(xr[c]), mu[c], za_[c], zb_[c], relu)
                 s[c] += g
@@ -377,7 +377,7 @@ def _view(x: np.ndarray, axis: int):
     x = np.ascontiguousarray(x)
     axis %= x.ndim
     C = x.shape[axis]
-    outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
     if inner == 1:
         return x.reshape(outer, C), True
     return x.reshape(outer, C, inner), False
@@ -412,8 +412,10 @@ def _out(out, v):
     if out is None:
         return np.empty_like(v)
     if out.dtype != v.dtype or out.size != v.size or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {v.dtype} array of {v.size} elements, "
-                         f"got {out.dtype} {out.shape}")
+        raise ValueError(
+            f"out must be a C-contiguous {v.dtype} array of {v.size} elements, "
+            f"got {out.dtype} {out.shape}"
+        )
     return out.reshape(v.shape)
 
 
@@ -426,8 +428,9 @@ def _relu(act: str) -> bool:
     return act == "relu"
 
 
-def train_forward(x, gamma, beta, eps: float, axis: int, out=None, threads=Threads(),
-                  act: str = "identity"):
+def train_forward(
+    x, gamma, beta, eps: float, axis: int, out=None, threads=Threads(), act: str = "identity"
+):
     """y, mean, biased var, inv_std for x with channels on ``axis``; statistics float64 (C,).
 
     ``out``: where to write y (see :func:`_out`); y is returned in x's shape either way.
@@ -437,13 +440,15 @@ def train_forward(x, gamma, beta, eps: float, axis: int, out=None, threads=Threa
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
     out = _out(out, v)
-    mean, var, inv_std = _call(v, last, threads, _cl_forward, _cf_forward, g, b, float(eps),
-                               out, _relu(act))
+    mean, var, inv_std = _call(
+        v, last, threads, _cl_forward, _cf_forward, g, b, float(eps), out, _relu(act)
+    )
     return out.reshape(x.shape), mean, var, inv_std
 
 
-def inference(x, mean, inv_std, gamma, beta, axis: int, out=None, threads=Threads(),
-              act: str = "identity"):
+def inference(
+    x, mean, inv_std, gamma, beta, axis: int, out=None, threads=Threads(), act: str = "identity"
+):
     """y = act(gamma * (x - mean) * inv_std + beta), one pass (inv_std = 1/sqrt(var + eps))."""
     v, last = _view(x, axis)
     g, b = _params(gamma, beta, v.shape[1])
@@ -453,8 +458,19 @@ def inference(x, mean, inv_std, gamma, beta, axis: int, out=None, threads=Thread
     return out.reshape(x.shape)
 
 
-def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool, out=None,
-             threads=Threads(), beta=None, act: str = "identity"):
+def backward(
+    dy,
+    x,
+    mean,
+    inv_std,
+    gamma,
+    axis: int,
+    batch_stats: bool,
+    out=None,
+    threads=Threads(),
+    beta=None,
+    act: str = "identity",
+):
     """dx, dgamma, dbeta; the formula is :func:`bnlab.functional.batch_norm_backward`'s.
 
     ``act="relu"``: the gradient of ReLU(BN(x)) (``beta`` needed): dy is zeroed where the
@@ -465,8 +481,21 @@ def backward(dy, x, mean, inv_std, gamma, axis: int, batch_stats: bool, out=None
     g, b = _params(gamma, beta, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     out = _out(out, v)
-    dgamma, dbeta = _call(v, last, threads, _cl_backward, _cf_backward, d, mean, inv_std, g,
-                          batch_stats, out, b, _relu(act))
+    dgamma, dbeta = _call(
+        v,
+        last,
+        threads,
+        _cl_backward,
+        _cf_backward,
+        d,
+        mean,
+        inv_std,
+        g,
+        batch_stats,
+        out,
+        b,
+        _relu(act),
+    )
     return out.reshape(x.shape), dgamma, dbeta
 
 
@@ -486,25 +515,50 @@ def grad_sums(dy, x, mean, axis: int, threads=Threads()):
     v, last = _view(x, axis)
     d, _ = _view(dy.astype(x.dtype, copy=False), axis)
     C = v.shape[1]
-    return _call(v, last, threads, _cl_grad_sums, _cf_grad_sums, d, mean.astype(np.float64),
-                 np.ones(C), np.zeros(C), False)
+    return _call(
+        v,
+        last,
+        threads,
+        _cl_grad_sums,
+        _cf_grad_sums,
+        d,
+        mean.astype(np.float64),
+        np.ones(C),
+        np.zeros(C),
+        False,
+    )
 
 
-def dx_from_sums(dy, x, mean, inv_std, gamma, sum_dy, sum_dy_xmu, count: int, axis: int,
-                 out=None, threads=Threads()):
+def dx_from_sums(
+    dy,
+    x,
+    mean,
+    inv_std,
+    gamma,
+    sum_dy,
+    sum_dy_xmu,
+    count: int,
+    axis: int,
+    out=None,
+    threads=Threads(),
+):
     """dx of :func:`backward` (batch statistics) from given sums over ``count`` values per
     channel, e.g. summed over every process: the elementwise half of :func:`backward`."""
     v, last = _view(x, axis)
     d, _ = _view(dy.astype(x.dtype, copy=False), axis)
     g, _ = _params(gamma, None, v.shape[1])
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
-    A, B, D = _dx_coefficients(np.asarray(sum_dy, np.float64),
-                               np.asarray(sum_dy_xmu, np.float64) * inv_std, inv_std, g,
-                               count, True)
+    A, B, D = _dx_coefficients(
+        np.asarray(sum_dy, np.float64),
+        np.asarray(sum_dy_xmu, np.float64) * inv_std,
+        inv_std,
+        g,
+        count,
+        True,
+    )
     out = _out(out, v)
     C = v.shape[1]
-    _call(v, last, threads, _cl_dx, _cf_dx, d, mean, A, B, D, out, np.ones(C), np.zeros(C),
-          False)
+    _call(v, last, threads, _cl_dx, _cf_dx, d, mean, A, B, D, out, np.ones(C), np.zeros(C), False)
     return out.reshape(x.shape)
 
 
@@ -597,15 +651,26 @@ def _flat(x, axis: int):
     """x's memory as 1-D, with C and L (values of one channel in a row of memory)."""
     x = np.ascontiguousarray(x)
     axis %= x.ndim
-    return x.reshape(-1), x.shape[axis], math.prod(x.shape[axis + 1:])
+    return x.reshape(-1), x.shape[axis], math.prod(x.shape[axis + 1 :])
 
 
 def _parts() -> int:
     return 4 * get_num_threads()
 
 
-def add_act_forward(x, mean, inv_std, gamma, beta, residual, axis: int, out=None, bits=None,
-                    threads=Threads(), act: str = "relu"):
+def add_act_forward(
+    x,
+    mean,
+    inv_std,
+    gamma,
+    beta,
+    residual,
+    axis: int,
+    out=None,
+    bits=None,
+    threads=Threads(),
+    act: str = "relu",
+):
     """y = act(gamma * (x - mean) * inv_std + beta + residual) in one pass over x and the
     residual (BN + add + ReLU, the tail of a ResNet block). With ``act="relu"`` the mask
     not y <= 0 (as torch's ReLU backward: dy passes where y > 0 or y is NaN) is written to ``bits`` (uint8, :func:`mask_bytes` of x.size; bit i of byte i // 8
@@ -620,13 +685,39 @@ def add_act_forward(x, mean, inv_std, gamma, beta, residual, axis: int, out=None
     out = _out(out, v)
     if bits is None:
         bits = np.empty(mask_bytes(v.size) if relu else 0, np.uint8)
-    _run(_add_act, v.size, threads, v, r, out, bits, mean.astype(v.dtype), a, b.astype(v.dtype),
-         C, L, relu, _parts())
+    _run(
+        _add_act,
+        v.size,
+        threads,
+        v,
+        r,
+        out,
+        bits,
+        mean.astype(v.dtype),
+        a,
+        b.astype(v.dtype),
+        C,
+        L,
+        relu,
+        _parts(),
+    )
     return out.reshape(x.shape), bits if relu else None
 
 
-def add_act_backward(dy, x, bits, mean, inv_std, gamma, axis: int, batch_stats: bool,
-                     out=None, out_residual=None, threads=Threads(), act: str = "relu"):
+def add_act_backward(
+    dy,
+    x,
+    bits,
+    mean,
+    inv_std,
+    gamma,
+    axis: int,
+    batch_stats: bool,
+    out=None,
+    out_residual=None,
+    threads=Threads(),
+    act: str = "relu",
+):
     """Gradients of :func:`add_act_forward`: g = dy gated by the mask bits (ReLU) is the
     residual's gradient; dx, dgamma, dbeta are BN's for g (:func:`backward`'s formula).
     Two passes: the gated sums (writing g), then dx. Returns (dx, d_residual, dgamma,
@@ -637,12 +728,38 @@ def add_act_backward(dy, x, bits, mean, inv_std, gamma, axis: int, batch_stats: 
     g, _ = _params(gamma, None, C)
     mean, inv_std = mean.astype(np.float64), inv_std.astype(np.float64)
     dr = _out(out_residual, v)
-    dbeta, p = _run(_gate_sums, v.size, threads, v, d, bits if relu else np.empty(0, np.uint8),
-                    dr, mean, C, L, relu, _parts())
+    dbeta, p = _run(
+        _gate_sums,
+        v.size,
+        threads,
+        v,
+        d,
+        bits if relu else np.empty(0, np.uint8),
+        dr,
+        mean,
+        C,
+        L,
+        relu,
+        _parts(),
+    )
     dgamma = p * inv_std
     view, last = _view(x, axis)
     A, B, D = _dx_coefficients(dbeta, dgamma, inv_std, g, v.size // C, batch_stats)
     dx = _out(out, view)
-    _call(view, last, threads, _cl_dx, _cf_dx, dr.reshape(view.shape), mean, A, B, D, dx,
-          np.ones(C), np.zeros(C), False)
+    _call(
+        view,
+        last,
+        threads,
+        _cl_dx,
+        _cf_dx,
+        dr.reshape(view.shape),
+        mean,
+        A,
+        B,
+        D,
+        dx,
+        np.ones(C),
+        np.zeros(C),
+        False,
+    )
     return dx.reshape(x.shape), dr.reshape(x.shape), dgamma, dbeta

@@ -82,8 +82,21 @@ def _channels(c_block, C, BC: tl.constexpr):
 
 
 @triton.jit
-def _tile(t, TL, N, L, sN, sC, sL, c_block, C, BN: tl.constexpr, BC: tl.constexpr,
-          BL: tl.constexpr, INT64: tl.constexpr):
+def _tile(
+    t,
+    TL,
+    N,
+    L,
+    sN,
+    sC,
+    sL,
+    c_block,
+    C,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    BL: tl.constexpr,
+    INT64: tl.constexpr,
+):
     """Offsets and mask [BN, BC, BL] of tile t of a channel block (tiles run over l first).
 
     BL = 1 is the (M, C) view (L = 1): then l is 0, said outright so that the compiler
@@ -135,8 +148,9 @@ def _batch_stats(x_ptr, part_ptr, P, C, sC, cc, c_mask, m, PB: tl.constexpr):
         n_b, d_b, m2_b = _merge_lanes(bn, bmu, bm2, 0)
         n, d, m2 = _chan(n, d, m2, n_b, d_b, m2_b)
     k = tl.load(x_ptr + cc * sC, mask=c_mask, other=0.0).to(tl.float32)
-    var = tl.maximum(tl.div_rn(m2, m), 0.0,
-                     propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch
+    var = tl.maximum(
+        tl.div_rn(m2, m), 0.0, propagate_nan=tl.PropagateNan.ALL
+    )  # NaN stays NaN, as in torch
     return k, d, var
 
 
@@ -176,8 +190,16 @@ def _gate(dy, x, hi, lo, za, zb, RELU: tl.constexpr):
 
 
 @triton.jit
-def _act_input(inv_std_ptr, w_ptr, b_ptr, cc, c_mask, RELU: tl.constexpr, HAS_W: tl.constexpr,
-               HAS_B: tl.constexpr):
+def _act_input(
+    inv_std_ptr,
+    w_ptr,
+    b_ptr,
+    cc,
+    c_mask,
+    RELU: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
     """za = w * inv_std and zb = b ([1, BC, 1] each): the activation's input is
     (x - mean) * za + zb (only read with RELU)."""
     za = tl.zeros(cc.shape, dtype=tl.float32)
@@ -208,9 +230,28 @@ def _update(rm_ptr, rv_ptr, cc, c_mask, ok, mean, unbiased_var, momentum):
 
 
 @triton.jit
-def _store_stats(mean_ptr, var_ptr, inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr, bad_ptr, n_bad,
-                 c_block, cc, c_mask, mean_hi, mean_lo, var, inv_std, momentum, unbias,
-                 BADB: tl.constexpr, UPDATE: tl.constexpr, HAS_NBT: tl.constexpr):
+def _store_stats(
+    mean_ptr,
+    var_ptr,
+    inv_std_ptr,
+    rm_ptr,
+    rv_ptr,
+    nbt_ptr,
+    bad_ptr,
+    n_bad,
+    c_block,
+    cc,
+    c_mask,
+    mean_hi,
+    mean_lo,
+    var,
+    inv_std,
+    momentum,
+    unbias,
+    BADB: tl.constexpr,
+    UPDATE: tl.constexpr,
+    HAS_NBT: tl.constexpr,
+):
     """Write a channel block's batch statistics (mean as float64 = hi + lo exactly) and,
     with UPDATE, the running statistics (unbiased var = var * unbias) if no channel's sums
     were non-finite (bad[] from _stats_kernel); channel block 0 counts the batch in nbt."""
@@ -233,8 +274,24 @@ def _store_stats(mean_ptr, var_ptr, inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr, bad_pt
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
-def _stats_kernel(x_ptr, part_ptr, bad_ptr, N, C, L, sN, sC, sL, TL, T, P,
-                  BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, INT64: tl.constexpr):
+def _stats_kernel(
+    x_ptr,
+    part_ptr,
+    bad_ptr,
+    N,
+    C,
+    L,
+    sN,
+    sC,
+    sL,
+    TL,
+    T,
+    P,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    BL: tl.constexpr,
+    INT64: tl.constexpr,
+):
     """Part p's (count, mean, M2) of x - k per channel (k = x[0, c, 0]) into part[0..2, p, c]:
     Welford's update in every lane of the tile, then the lanes merged; bad[p, c_block] =
     how many of the block's channels have a non-finite mean or M2."""
@@ -262,29 +319,103 @@ def _stats_kernel(x_ptr, part_ptr, bad_ptr, N, C, L, sN, sC, sL, TL, T, P,
 
 
 @triton.jit(do_not_specialize=["P", "n_bad"])
-def _finalize_stats_kernel(x_ptr, part_ptr, bad_ptr, mean_ptr, var_ptr, inv_std_ptr, rm_ptr,
-                           rv_ptr, nbt_ptr, P, C, sC, n_bad, m, eps, momentum, unbias,
-                           BC: tl.constexpr, PB: tl.constexpr, BADB: tl.constexpr,
-                           UPDATE: tl.constexpr, HAS_NBT: tl.constexpr):
+def _finalize_stats_kernel(
+    x_ptr,
+    part_ptr,
+    bad_ptr,
+    mean_ptr,
+    var_ptr,
+    inv_std_ptr,
+    rm_ptr,
+    rv_ptr,
+    nbt_ptr,
+    P,
+    C,
+    sC,
+    n_bad,
+    m,
+    eps,
+    momentum,
+    unbias,
+    BC: tl.constexpr,
+    PB: tl.constexpr,
+    BADB: tl.constexpr,
+    UPDATE: tl.constexpr,
+    HAS_NBT: tl.constexpr,
+):
     """Batch statistics of a block of channels from many parts, once (not in every program
     of _normalize_kernel), with the running-statistics update."""
     c_block = tl.program_id(0)
     cc, c_mask = _channels(c_block, C, BC)
     k, d, var = _batch_stats(x_ptr, part_ptr, P, C, sC, cc, c_mask, m, PB)
     inv_std = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-    _store_stats(mean_ptr, var_ptr, inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr, bad_ptr, n_bad,
-                 c_block, cc, c_mask, k, d, var, inv_std, momentum, unbias, BADB, UPDATE,
-                 HAS_NBT)
+    _store_stats(
+        mean_ptr,
+        var_ptr,
+        inv_std_ptr,
+        rm_ptr,
+        rv_ptr,
+        nbt_ptr,
+        bad_ptr,
+        n_bad,
+        c_block,
+        cc,
+        c_mask,
+        k,
+        d,
+        var,
+        inv_std,
+        momentum,
+        unbias,
+        BADB,
+        UPDATE,
+        HAS_NBT,
+    )
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P", "n_bad"])
-def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
-                      stat_mean_ptr, stat_var_ptr, stat_inv_std_ptr, rm_ptr, rv_ptr, nbt_ptr,
-                      N, C, L, sN, sC, sL, TL, T, P, n_bad, m, eps, momentum, unbias,
-                      BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
-                      INT64: tl.constexpr, PB: tl.constexpr, BADB: tl.constexpr,
-                      MODE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      UPDATE: tl.constexpr, HAS_NBT: tl.constexpr, RELU: tl.constexpr):
+def _normalize_kernel(
+    x_ptr,
+    y_ptr,
+    part_ptr,
+    bad_ptr,
+    w_ptr,
+    b_ptr,
+    mean_ptr,
+    var_ptr,
+    stat_mean_ptr,
+    stat_var_ptr,
+    stat_inv_std_ptr,
+    rm_ptr,
+    rv_ptr,
+    nbt_ptr,
+    N,
+    C,
+    L,
+    sN,
+    sC,
+    sL,
+    TL,
+    T,
+    P,
+    n_bad,
+    m,
+    eps,
+    momentum,
+    unbias,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    BL: tl.constexpr,
+    INT64: tl.constexpr,
+    PB: tl.constexpr,
+    BADB: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    UPDATE: tl.constexpr,
+    HAS_NBT: tl.constexpr,
+    RELU: tl.constexpr,
+):
     """y = (x - mean) * (w * inv_std) + b over part p's tiles, inv_std = 1 / sqrt(var + eps);
     with RELU, max(y, 0) in the same pass (BatchNormAct2d).
 
@@ -326,21 +457,64 @@ def _normalize_kernel(x_ptr, y_ptr, part_ptr, bad_ptr, w_ptr, b_ptr, mean_ptr, v
         tl.store(y_ptr + offset, y.to(y_ptr.dtype.element_ty), mask=mask)
     if p == 0:
         if MODE == 0:
-            _store_stats(stat_mean_ptr, stat_var_ptr, stat_inv_std_ptr, rm_ptr, rv_ptr,
-                         nbt_ptr, bad_ptr, n_bad, c_block, cc, c_mask, mean_hi, mean_lo, var,
-                         inv_std, momentum, unbias, BADB, UPDATE, HAS_NBT)
+            _store_stats(
+                stat_mean_ptr,
+                stat_var_ptr,
+                stat_inv_std_ptr,
+                rm_ptr,
+                rv_ptr,
+                nbt_ptr,
+                bad_ptr,
+                n_bad,
+                c_block,
+                cc,
+                c_mask,
+                mean_hi,
+                mean_lo,
+                var,
+                inv_std,
+                momentum,
+                unbias,
+                BADB,
+                UPDATE,
+                HAS_NBT,
+            )
         elif MODE == 2:
-            tl.store(stat_mean_ptr + cc, mean_hi.to(tl.float64) + mean_lo.to(tl.float64),
-                     mask=c_mask)
+            tl.store(
+                stat_mean_ptr + cc, mean_hi.to(tl.float64) + mean_lo.to(tl.float64), mask=c_mask
+            )
             tl.store(stat_inv_std_ptr + cc, inv_std, mask=c_mask)
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
-def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, inv_std_ptr, w_ptr, b_ptr, bits_ptr,
-                      dr_ptr, N, C, L, sN, sC, sL, TL, T, P,
-                      BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr,
-                      INT64: tl.constexpr, RELU: tl.constexpr, HAS_W: tl.constexpr,
-                      HAS_B: tl.constexpr, MASKED: tl.constexpr):
+def _grad_sums_kernel(
+    dy_ptr,
+    x_ptr,
+    mean_ptr,
+    part_ptr,
+    inv_std_ptr,
+    w_ptr,
+    b_ptr,
+    bits_ptr,
+    dr_ptr,
+    N,
+    C,
+    L,
+    sN,
+    sC,
+    sL,
+    TL,
+    T,
+    P,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    BL: tl.constexpr,
+    INT64: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """Partial sums: part[0, p, c] = sum(dy), part[1, p, c] = sum(dy * (x - mean)); with
     RELU, dy gated by the ReLU after BN (:func:`_gate`). MASKED (BN + add + ReLU): dy gated
     by the saved 1-bit mask instead (bit i of bits[i // 8] for element i of memory), and the
@@ -370,8 +544,9 @@ def _grad_sums_kernel(dy_ptr, x_ptr, mean_ptr, part_ptr, inv_std_ptr, w_ptr, b_p
 
 
 @triton.jit(do_not_specialize=["P"])
-def _finalize_grads_kernel(part_ptr, inv_std_ptr, dgamma_ptr, dbeta_ptr, P, C,
-                           BC: tl.constexpr, PB: tl.constexpr):
+def _finalize_grads_kernel(
+    part_ptr, inv_std_ptr, dgamma_ptr, dbeta_ptr, P, C, BC: tl.constexpr, PB: tl.constexpr
+):
     """dbeta = sum(dy), dgamma = inv_std * sum(dy * (x - mean)) from many parts, once."""
     cc, c_mask = _channels(tl.program_id(0), C, BC)
     dbeta, s_dyxmu = _parts(part_ptr, P, C, cc, c_mask, PB)
@@ -381,11 +556,38 @@ def _finalize_grads_kernel(part_ptr, inv_std_ptr, dgamma_ptr, dbeta_ptr, P, C,
 
 
 @triton.jit(do_not_specialize=["N", "TL", "T", "P"])
-def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr, b_ptr,
-               dgamma_ptr, dbeta_ptr, N, C, L, sN, sC, sL, TL, T, P, m,
-               BN: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr, INT64: tl.constexpr,
-               PB: tl.constexpr, FUSED: tl.constexpr, HAS_W: tl.constexpr,
-               BATCH_STATS: tl.constexpr, RELU: tl.constexpr, HAS_B: tl.constexpr):
+def _dx_kernel(
+    dy_ptr,
+    x_ptr,
+    dx_ptr,
+    part_ptr,
+    mean_ptr,
+    inv_std_ptr,
+    w_ptr,
+    b_ptr,
+    dgamma_ptr,
+    dbeta_ptr,
+    N,
+    C,
+    L,
+    sN,
+    sC,
+    sL,
+    TL,
+    T,
+    P,
+    m,
+    BN: tl.constexpr,
+    BC: tl.constexpr,
+    BL: tl.constexpr,
+    INT64: tl.constexpr,
+    PB: tl.constexpr,
+    FUSED: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BATCH_STATS: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_B: tl.constexpr,
+):
     """dx over part p's tiles.
 
         dbeta = sum(dy),  dgamma = sum(dy * x_hat) = inv_std * sum(dy * (x - mean))
@@ -432,9 +634,24 @@ def _dx_kernel(dy_ptr, x_ptr, dx_ptr, part_ptr, mean_ptr, inv_std_ptr, w_ptr, b_
 
 
 @triton.jit  # n specialized: a multiple of 16 lets the loads be vectorized
-def _add_act_kernel(x_ptr, r_ptr, y_ptr, bits_ptr, mean_ptr, inv_std_ptr, w_ptr, b_ptr, n, C,
-                    L, BLOCK: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    RELU: tl.constexpr, INT64: tl.constexpr):
+def _add_act_kernel(
+    x_ptr,
+    r_ptr,
+    y_ptr,
+    bits_ptr,
+    mean_ptr,
+    inv_std_ptr,
+    w_ptr,
+    b_ptr,
+    n,
+    C,
+    L,
+    BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RELU: tl.constexpr,
+    INT64: tl.constexpr,
+):
     """y = act(((x - hi) - lo) * (w * inv_std) + b + r) over BLOCK elements of memory (any
     layout: element i is in channel (i // L) % C); with RELU the mask not y <= 0 as bits
     (torch's ReLU backward passes dy where y > 0 or y is NaN), one byte
@@ -472,8 +689,12 @@ def check_device(x: torch.Tensor) -> None:
         return
     if x.device.type == "cpu" and triton_interpreted():
         return
-    where = ("CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 before "
-             "bnlab imports Triton" if x.device.type == "cpu" else "CUDA tensors")
+    where = (
+        "CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 before "
+        "bnlab imports Triton"
+        if x.device.type == "cpu"
+        else "CUDA tensors"
+    )
     raise ValueError(f"the Triton kernels run on {where}; got a tensor on {x.device}")
 
 
@@ -525,8 +746,11 @@ class _Launch:
         # the kernels that add up many parts: blocks of 8 channels (so that even C = 64 gets
         # 8 programs), each reading [PB, BC] partial sums at a time
         BC = min(triton.next_power_of_2(C), 8)
-        self.finalize = ((triton.cdiv(C, BC),), BC,
-                         max(1, min(triton.next_power_of_2(self.P), FINALIZE_PARTIALS // BC)))
+        self.finalize = (
+            (triton.cdiv(C, BC),),
+            BC,
+            max(1, min(triton.next_power_of_2(self.P), FINALIZE_PARTIALS // BC)),
+        )
 
 
 # --- launching -------------------------------------------------------------------------------
@@ -571,8 +795,15 @@ def _plan(name: str, x: torch.Tensor, *items):
     interpreter, non-CUDA tensors)."""
     if x.device.type != "cuda" or triton_interpreted():
         return None
-    key = (name, x.shape, x.stride(), x.dtype, x.device.index, x.data_ptr() % 16 == 0,
-           *(_spec(t) if isinstance(t, torch.Tensor) or t is None else t for t in items))
+    key = (
+        name,
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device.index,
+        x.data_ptr() % 16 == 0,
+        *(_spec(t) if isinstance(t, torch.Tensor) or t is None else t for t in items),
+    )
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= MAX_CACHED:
@@ -593,8 +824,12 @@ def _go(plan, i: int, kernel, grid: tuple, args: tuple, num_warps: int = 4) -> N
             return
         except Exception as e:  # noqa: BLE001 - an API this Triton lacks: its JIT path
             _direct[0] = False
-            warnings.warn(f"bnlab: launching compiled Triton kernels directly failed ({e!r}); "
-                          "using Triton's JIT launch path", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"bnlab: launching compiled Triton kernels directly failed ({e!r}); "
+                "using Triton's JIT launch path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     compiled = kernel[grid](*args, num_warps=num_warps)
     if plan is not None and len(plan) == i and hasattr(compiled, "function"):
         plan.append(compiled[tuple(grid) + (1,) * (3 - len(grid))])
@@ -603,11 +838,13 @@ def _go(plan, i: int, kernel, grid: tuple, args: tuple, num_warps: int = 4) -> N
 def _check(x: torch.Tensor, name: str = "x") -> None:
     check_device(x)
     if x.dtype not in DTYPES:
-        raise TypeError(f"the Triton kernels take {name} as float32, float16 or bfloat16, "
-                        f"got {x.dtype}")
+        raise TypeError(
+            f"the Triton kernels take {name} as float32, float16 or bfloat16, got {x.dtype}"
+        )
     if x.dim() < 2 or x.numel() == 0:
-        raise ValueError(f"{name} must be (N, C, ...) with at least one element, "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be (N, C, ...) with at least one element, got shape {tuple(x.shape)}"
+        )
 
 
 def _prepare(x, dy=None):
@@ -627,6 +864,13 @@ def _vec(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def _write_back(*pairs) -> None:
+    """Each (buffer, its contiguous copy from :func:`_vec`) written back where they differ."""
+    for buf, k in pairs:
+        if buf is not k:
+            buf.copy_(k)
+
+
 def _stats_like(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(x.shape[1], dtype=dtype, device=x.device)
 
@@ -642,8 +886,17 @@ def _aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=None,
-                  num_batches_tracked=None, momentum: float = 0.1, act: str = "identity"):
+def train_forward(
+    x,
+    weight,
+    bias,
+    eps: float,
+    running_mean=None,
+    running_var=None,
+    num_batches_tracked=None,
+    momentum: float = 0.1,
+    act: str = "identity",
+):
     """Training forward with batch statistics, the running-statistics update fused in.
 
         mean = E[x], var = E[(x - mean)^2] (biased), over every axis but 1
@@ -675,26 +928,92 @@ def train_forward(x, weight, bias, eps: float, running_mean=None, running_var=No
     mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
     update = rm is not None and rv is not None
     has_nbt = update and num_batches_tracked is not None
-    plan = _plan("train", x, weight, bias, rm, rv, num_batches_tracked,
-                 has_nbt, relu,
-                 _aligned(parts, bad, y, mean, var, inv_std))
+    plan = _plan(
+        "train",
+        x,
+        weight,
+        bias,
+        rm,
+        rv,
+        num_batches_tracked,
+        has_nbt,
+        relu,
+        _aligned(parts, bad, y, mean, var, inv_std),
+    )
     m, unbias = float(run.m), run.m / max(run.m - 1, 1)
     eps, momentum = float(eps), float(momentum)
     _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
     if not run.fused:
         grid, BC, PB = run.finalize
-        _go(plan, 1, _finalize_stats_kernel, grid,
-            (x, parts, bad, mean, var, inv_std, rm, rv, num_batches_tracked,
-             run.P, run.C, run.strides[1], run.n_bad, m, eps, momentum, unbias,
-             BC, PB, run.BADB, update, has_nbt))
-    _go(plan, 1 + (not run.fused), _normalize_kernel, run.grid,
-        (x, y, parts, bad, weight, bias, None, None, mean, var, inv_std, rm, rv,
-         num_batches_tracked, *run.args, run.n_bad, m, eps, momentum, unbias,
-         *run.tiles, run.PB, run.BADB, 0 if run.fused else 1, weight is not None,
-         bias is not None, update, has_nbt, relu), run.num_warps)
-    for buf, k in ((running_mean, rm), (running_var, rv)):
-        if buf is not k:
-            buf.copy_(k)
+        _go(
+            plan,
+            1,
+            _finalize_stats_kernel,
+            grid,
+            (
+                x,
+                parts,
+                bad,
+                mean,
+                var,
+                inv_std,
+                rm,
+                rv,
+                num_batches_tracked,
+                run.P,
+                run.C,
+                run.strides[1],
+                run.n_bad,
+                m,
+                eps,
+                momentum,
+                unbias,
+                BC,
+                PB,
+                run.BADB,
+                update,
+                has_nbt,
+            ),
+        )
+    _go(
+        plan,
+        1 + (not run.fused),
+        _normalize_kernel,
+        run.grid,
+        (
+            x,
+            y,
+            parts,
+            bad,
+            weight,
+            bias,
+            None,
+            None,
+            mean,
+            var,
+            inv_std,
+            rm,
+            rv,
+            num_batches_tracked,
+            *run.args,
+            run.n_bad,
+            m,
+            eps,
+            momentum,
+            unbias,
+            *run.tiles,
+            run.PB,
+            run.BADB,
+            0 if run.fused else 1,
+            weight is not None,
+            bias is not None,
+            update,
+            has_nbt,
+            relu,
+        ),
+        run.num_warps,
+    )
+    _write_back((running_mean, rm), (running_var, rv))
     return y, mean, var, inv_std
 
 
@@ -708,15 +1027,50 @@ def inference(x, mean, var, weight, bias, eps: float, act: str = "identity"):
     y = torch.empty_like(x, memory_format=run.fmt)
     mean_out, inv_std = _stats_like(x, torch.float64), _stats_like(x)
     plan = _plan("inference", x, mean, var, weight, bias, relu, _aligned(y, mean_out, inv_std))
-    _go(plan, 0, _normalize_kernel, run.grid,
-        (x, y, None, None, weight, bias, mean, var, mean_out, None, inv_std, None, None, None,
-         *run.args, 0, 1.0, float(eps), 0.0, 1.0, *run.tiles, 1, 1, 2, weight is not None,
-         bias is not None, False, False, relu), run.num_warps)
+    _go(
+        plan,
+        0,
+        _normalize_kernel,
+        run.grid,
+        (
+            x,
+            y,
+            None,
+            None,
+            weight,
+            bias,
+            mean,
+            var,
+            mean_out,
+            None,
+            inv_std,
+            None,
+            None,
+            None,
+            *run.args,
+            0,
+            1.0,
+            float(eps),
+            0.0,
+            1.0,
+            *run.tiles,
+            1,
+            1,
+            2,
+            weight is not None,
+            bias is not None,
+            False,
+            False,
+            relu,
+        ),
+        run.num_warps,
+    )
     return y, mean_out, inv_std
 
 
-def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
-             act: str = "identity", bits=None):
+def backward(
+    dy, x, mean, inv_std, weight, batch_stats: bool, bias=None, act: str = "identity", bits=None
+):
     """Gradients of y = (x - mean) * inv_std * weight + bias, from (C,) mean (float64, as
     the forward returns it) and inv_std (float32); ``batch_stats``: mean and inv_std were
     x's own (training), so they depend on x. ``act="relu"``: the gradient of
@@ -736,19 +1090,80 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
     dx = torch.empty_like(x, memory_format=run.fmt)
     dr = torch.empty_like(x, memory_format=run.fmt) if masked else None
     dgamma, dbeta = _stats_like(x), _stats_like(x)
-    plan = _plan("backward", x, dy, mean, inv_std, weight, bias, batch_stats, relu, masked,
-                 _aligned(parts, dx, dgamma, dbeta, *((bits, dr) if masked else ())))
-    _go(plan, 0, _grad_sums_kernel, run.grid,
-        (dy, x, mean, parts, inv_std, weight, bias, bits, dr, *run.args, *run.tiles, relu,
-         has_w, has_b, masked), run.num_warps)
+    plan = _plan(
+        "backward",
+        x,
+        dy,
+        mean,
+        inv_std,
+        weight,
+        bias,
+        batch_stats,
+        relu,
+        masked,
+        _aligned(parts, dx, dgamma, dbeta, *((bits, dr) if masked else ())),
+    )
+    _go(
+        plan,
+        0,
+        _grad_sums_kernel,
+        run.grid,
+        (
+            dy,
+            x,
+            mean,
+            parts,
+            inv_std,
+            weight,
+            bias,
+            bits,
+            dr,
+            *run.args,
+            *run.tiles,
+            relu,
+            has_w,
+            has_b,
+            masked,
+        ),
+        run.num_warps,
+    )
     if not run.fused:
         grid, BC, PB = run.finalize
-        _go(plan, 1, _finalize_grads_kernel, grid,
-            (parts, inv_std, dgamma, dbeta, run.P, run.C, BC, PB))
-    _go(plan, 1 + (not run.fused), _dx_kernel, run.grid,
-        (dr if masked else dy, x, dx, parts, mean, inv_std, weight, bias, dgamma, dbeta,
-         *run.args, float(run.m), *run.tiles, run.PB, run.fused, has_w, batch_stats, relu,
-         has_b), run.num_warps)
+        _go(
+            plan,
+            1,
+            _finalize_grads_kernel,
+            grid,
+            (parts, inv_std, dgamma, dbeta, run.P, run.C, BC, PB),
+        )
+    _go(
+        plan,
+        1 + (not run.fused),
+        _dx_kernel,
+        run.grid,
+        (
+            dr if masked else dy,
+            x,
+            dx,
+            parts,
+            mean,
+            inv_std,
+            weight,
+            bias,
+            dgamma,
+            dbeta,
+            *run.args,
+            float(run.m),
+            *run.tiles,
+            run.PB,
+            run.fused,
+            has_w,
+            batch_stats,
+            relu,
+            has_b,
+        ),
+        run.num_warps,
+    )
     if masked:
         return dx, dr, dgamma, dbeta
     return dx, dgamma, dbeta
@@ -757,9 +1172,21 @@ def backward(dy, x, mean, inv_std, weight, batch_stats: bool, bias=None,
 ADD_BLOCK = 2048  # elements per program of the BN + add + ReLU pass (a multiple of 8)
 
 
-def add_act_forward(x, residual, weight, bias, eps: float, training: bool, mean=None,
-                    var=None, running_mean=None, running_var=None, num_batches_tracked=None,
-                    momentum: float = 0.1, act: str = "relu"):
+def add_act_forward(
+    x,
+    residual,
+    weight,
+    bias,
+    eps: float,
+    training: bool,
+    mean=None,
+    var=None,
+    running_mean=None,
+    running_var=None,
+    num_batches_tracked=None,
+    momentum: float = 0.1,
+    act: str = "relu",
+):
     """BN + add + activation, the tail of a ResNet block:
 
         y = act((x - mean) / sqrt(var + eps) * weight + bias + residual)
@@ -776,8 +1203,9 @@ def add_act_forward(x, residual, weight, bias, eps: float, training: bool, mean=
     x, _, run = _prepare(x)
     relu = _relu(act)
     if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
-                         f"{tuple(residual.shape)}")
+        raise ValueError(
+            f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+        )
     r = residual.to(x.dtype).contiguous(memory_format=run.fmt)
     weight, bias = _vec(weight), _vec(bias)
     if training:
@@ -787,18 +1215,50 @@ def add_act_forward(x, residual, weight, bias, eps: float, training: bool, mean=
         parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
         bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
         mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
-        plan = _plan("add_stats", x, rm, rv, num_batches_tracked, has_nbt,
-                     _aligned(parts, bad, mean, var, inv_std))
-        _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles),
-            run.num_warps)
+        plan = _plan(
+            "add_stats",
+            x,
+            rm,
+            rv,
+            num_batches_tracked,
+            has_nbt,
+            _aligned(parts, bad, mean, var, inv_std),
+        )
+        _go(
+            plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps
+        )
         grid, BC, PB = run.finalize
-        _go(plan, 1, _finalize_stats_kernel, grid,
-            (x, parts, bad, mean, var, inv_std, rm, rv, num_batches_tracked, run.P, run.C,
-             run.strides[1], run.n_bad, float(run.m), float(eps), float(momentum),
-             run.m / max(run.m - 1, 1), BC, PB, run.BADB, update, has_nbt))
-        for buf, k in ((running_mean, rm), (running_var, rv)):
-            if buf is not k:
-                buf.copy_(k)
+        _go(
+            plan,
+            1,
+            _finalize_stats_kernel,
+            grid,
+            (
+                x,
+                parts,
+                bad,
+                mean,
+                var,
+                inv_std,
+                rm,
+                rv,
+                num_batches_tracked,
+                run.P,
+                run.C,
+                run.strides[1],
+                run.n_bad,
+                float(run.m),
+                float(eps),
+                float(momentum),
+                run.m / max(run.m - 1, 1),
+                BC,
+                PB,
+                run.BADB,
+                update,
+                has_nbt,
+            ),
+        )
+        _write_back((running_mean, rm), (running_var, rv))
     else:
         inv_std = torch.div(1.0, torch.sqrt(var.detach().to(torch.float32) + float(eps)))
         mean = mean.detach().to(torch.float64).contiguous()
@@ -809,9 +1269,31 @@ def add_act_forward(x, residual, weight, bias, eps: float, training: bool, mean=
     C = run.C
     L = math.prod(x.shape[2:]) if run.fmt == torch.contiguous_format else 1
     plan = _plan("add_act", x, r, weight, bias, relu, _aligned(y, bits, mean, inv_std))
-    _go(plan, 0, _add_act_kernel, (triton.cdiv(n, ADD_BLOCK),),
-        (x, r, y, bits, mean, inv_std, weight, bias, n, C, L, ADD_BLOCK, weight is not None,
-         bias is not None, relu, n >= 2**31), 8)
+    _go(
+        plan,
+        0,
+        _add_act_kernel,
+        (triton.cdiv(n, ADD_BLOCK),),
+        (
+            x,
+            r,
+            y,
+            bits,
+            mean,
+            inv_std,
+            weight,
+            bias,
+            n,
+            C,
+            L,
+            ADD_BLOCK,
+            weight is not None,
+            bias is not None,
+            relu,
+            n >= 2**31,
+        ),
+        8,
+    )
     return y, mean, inv_std, bits if relu else None
 
 
@@ -828,9 +1310,36 @@ def moments(x):
     plan = _plan("moments", x, _aligned(parts, bad, mean, var, inv_std))
     _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
     grid, BC, PB = run.finalize
-    _go(plan, 1, _finalize_stats_kernel, grid,
-        (x, parts, bad, mean, var, inv_std, None, None, None, run.P, run.C, run.strides[1],
-         run.n_bad, float(run.m), 1.0, 0.0, 1.0, BC, PB, 1, False, False))
+    _go(
+        plan,
+        1,
+        _finalize_stats_kernel,
+        grid,
+        (
+            x,
+            parts,
+            bad,
+            mean,
+            var,
+            inv_std,
+            None,
+            None,
+            None,
+            run.P,
+            run.C,
+            run.strides[1],
+            run.n_bad,
+            float(run.m),
+            1.0,
+            0.0,
+            1.0,
+            BC,
+            PB,
+            1,
+            False,
+            False,
+        ),
+    )
     return mean, var
 
 
@@ -843,12 +1352,38 @@ def grad_sums(dy, x, mean):
     sum_dy, sum_dy_xmu = _stats_like(x), _stats_like(x)
     ones = torch.ones(run.C, dtype=torch.float32, device=x.device)  # inv_std = 1: raw sums
     plan = _plan("grad_sums", x, dy, mean, _aligned(parts, sum_dy, sum_dy_xmu, ones))
-    _go(plan, 0, _grad_sums_kernel, run.grid,
-        (dy, x, mean, parts, None, None, None, None, None, *run.args, *run.tiles, False, False,
-         False, False), run.num_warps)
+    _go(
+        plan,
+        0,
+        _grad_sums_kernel,
+        run.grid,
+        (
+            dy,
+            x,
+            mean,
+            parts,
+            None,
+            None,
+            None,
+            None,
+            None,
+            *run.args,
+            *run.tiles,
+            False,
+            False,
+            False,
+            False,
+        ),
+        run.num_warps,
+    )
     grid, BC, PB = run.finalize
-    _go(plan, 1, _finalize_grads_kernel, grid,
-        (parts, ones, sum_dy_xmu, sum_dy, run.P, run.C, BC, PB))
+    _go(
+        plan,
+        1,
+        _finalize_grads_kernel,
+        grid,
+        (parts, ones, sum_dy_xmu, sum_dy, run.P, run.C, BC, PB),
+    )
     return sum_dy, sum_dy_xmu
 
 
@@ -861,8 +1396,32 @@ def dx_from_sums(dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count: int):
     dgamma = (sum_dy_xmu * inv_std).to(torch.float32).contiguous()
     dbeta = sum_dy.to(torch.float32).contiguous()
     plan = _plan("dx_from_sums", x, dy, mean, inv_std, weight, _aligned(dx, dgamma, dbeta))
-    _go(plan, 0, _dx_kernel, run.grid,
-        (dy, x, dx, None, mean, inv_std, weight, None, dgamma, dbeta, *run.args,
-         float(count), *run.tiles, 1, False, weight is not None, True, False, False),
-        run.num_warps)
+    _go(
+        plan,
+        0,
+        _dx_kernel,
+        run.grid,
+        (
+            dy,
+            x,
+            dx,
+            None,
+            mean,
+            inv_std,
+            weight,
+            None,
+            dgamma,
+            dbeta,
+            *run.args,
+            float(count),
+            *run.tiles,
+            1,
+            False,
+            weight is not None,
+            True,
+            False,
+            False,
+        ),
+        run.num_warps,
+    )
     return dx

@@ -40,9 +40,16 @@ class _BatchNorm(Module):
     _rank_text = ""
     act = "identity"  # BatchNormAct2d: the activation fused after BN
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, dtype=np.float32,
-                 axis: int = 1):
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        dtype=np.float32,
+        axis: int = 1,
+    ):
         super().__init__()
         if int(num_features) != num_features or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -57,9 +64,11 @@ class _BatchNorm(Module):
         self.track_running_stats = track_running_stats
         self.axis = axis
         C = self.num_features
+        self.weight: Parameter | None
+        self.bias: Parameter | None
         if affine:
-            self.weight = Parameter(np.ones(C, dtype))   # gamma
-            self.bias = Parameter(np.zeros(C, dtype))    # beta
+            self.weight = Parameter(np.ones(C, dtype))  # gamma
+            self.bias = Parameter(np.zeros(C, dtype))  # beta
         else:
             self.weight = self.bias = None
         if track_running_stats:
@@ -93,14 +102,23 @@ class _BatchNorm(Module):
         gamma = None if self.weight is None else self.weight.data
         beta = None if self.bias is None else self.bias.data
         if self.training or self.running_mean is None:
-            y, cache = F.batch_norm_forward(x, gamma, beta, self.eps, self.axis, mask=mask,
-                                            act=self.act)
+            y, cache = F.batch_norm_forward(
+                x, gamma, beta, self.eps, self.axis, mask=mask, act=self.act
+            )
             if self.training and self.running_mean is not None:
                 m = x.size // self.num_features if mask is None else int(cache.mask.sum())
                 self._update_running(cache.mean, cache.var, m)
         else:
-            y, cache = F.batch_norm_inference(x, self.running_mean, self.running_var,
-                                              gamma, beta, self.eps, self.axis, act=self.act)
+            y, cache = F.batch_norm_inference(
+                x,
+                self.running_mean,
+                self.running_var,
+                gamma,
+                beta,
+                self.eps,
+                self.axis,
+                act=self.act,
+            )
         self._cache = cache
         return y
 
@@ -121,13 +139,15 @@ class _BatchNorm(Module):
 
     def _accumulate(self, dgamma, dbeta) -> None:
         """Add dgamma, dbeta to the parameters' gradients (nothing without affine)."""
-        if self.weight is not None:
+        if self.weight is not None and self.bias is not None:
             self.weight.grad += dgamma.astype(self.weight.grad.dtype, copy=False)
             self.bias.grad += dbeta.astype(self.bias.grad.dtype, copy=False)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
 
 
 class BatchNorm1d(_BatchNorm):
@@ -144,8 +164,15 @@ class BatchNorm1d(_BatchNorm):
     _ranks = (2, 3)
     _rank_text = "2D or 3D"
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype, axis=1)
 
 
@@ -167,12 +194,27 @@ class BatchNorm2d(_BatchNorm):
     _ranks = (4,)
     _rank_text = "4D"
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, data_format: str = "NCHW"):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+        data_format: str = "NCHW",
+    ):
         if data_format not in ("NCHW", "NHWC"):
             raise ValueError(f'data_format must be "NCHW" or "NHWC", got {data_format!r}')
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         axis=1 if data_format == "NCHW" else 3)
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            dtype,
+            axis=1 if data_format == "NCHW" else 3,
+        )
         self.data_format = data_format
 
     def extra_repr(self) -> str:

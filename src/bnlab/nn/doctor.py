@@ -23,13 +23,22 @@ def describe(model: Module) -> list[D.Layer]:
     bnlab's parameters have no ``requires_grad``: they always learn (a frozen layer is a
     :class:`~bnlab.nn.FrozenBatchNorm2d`, which is not a BN layer the rules read)."""
     before = D.biases_before(model, Sequential, _BatchNorm, (Conv2d, Linear))
-    return [D.Layer(name=name, num_features=m.num_features, momentum=m.momentum,
-                    training=m.training,
-                    weight=None if m.weight is None else _f64(m.weight.data),
-                    bias=None if m.bias is None else _f64(m.bias.data),
-                    running_mean=_f64(m.running_mean), running_var=_f64(m.running_var),
-                    num_batches_tracked=m.num_batches_tracked, bias_before=before.get(name))
-            for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    return [
+        D.Layer(
+            name=name,
+            num_features=m.num_features,
+            momentum=m.momentum,
+            training=m.training,
+            weight=None if m.weight is None else _f64(m.weight.data),
+            bias=None if m.bias is None else _f64(m.bias.data),
+            running_mean=_f64(m.running_mean),
+            running_var=_f64(m.running_var),
+            num_batches_tracked=m.num_batches_tracked,
+            bias_before=before.get(name),
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm)
+    ]
 
 
 def _outputs(model, batches):
@@ -44,19 +53,28 @@ def dynamic_findings(model: Module, batches, targets=None) -> list[D.Finding]:
     batches = [np.asarray(b) for b in batches]
     if not batches:
         raise ValueError("batches is empty: the dynamic checks need at least one batch")
-    seen = {}
+    seen: dict[str, list] = {}
     probe = copy.deepcopy(model).train()
     for name, m in probe.named_modules():
         if isinstance(m, _BatchNorm):
+
             def record(x, _forward=m.forward, _name=name, **kwargs):
                 per_channel = x.size // max(x.shape[1], 1)
                 seen[_name] = min(seen.get(_name, per_channel), per_channel)
                 return _forward(x, **kwargs)
 
             object.__setattr__(m, "forward", record)  # on the copy only
-    return D.probe_batches(model, probe, batches, targets, seen,
-                           is_bn=lambda m: isinstance(m, _BatchNorm), run=_outputs,
-                           recalibrate=recalibrate, array=_f64)
+    return D.probe_batches(
+        model,
+        probe,
+        batches,
+        targets,
+        seen,
+        is_bn=lambda m: isinstance(m, _BatchNorm),
+        run=_outputs,
+        recalibrate=recalibrate,
+        array=_f64,
+    )
 
 
 def doctor(model: Module, batches=None, targets=None) -> list[D.Finding]:

@@ -31,8 +31,10 @@ def _check_input(x, ndim: int, what: str, axis: int | None = None, expected: int
         raise ValueError(f"expected {ndim}D input {what} (got {x.ndim}D input of shape {x.shape})")
     F._check_float(x)
     if axis is not None and x.shape[axis] != expected:
-        raise ValueError(f"expected {expected} {'features' if ndim == 2 else 'channels'} on "
-                         f"axis {axis}, got input of shape {x.shape}")
+        raise ValueError(
+            f"expected {expected} {'features' if ndim == 2 else 'channels'} on "
+            f"axis {axis}, got input of shape {x.shape}"
+        )
     return x
 
 
@@ -61,8 +63,9 @@ class Linear(_Cached):
     Shape: (N, in_features) -> (N, out_features); weight (out, in), bias (out,).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 dtype=np.float32, rng=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, dtype=np.float32, rng=None
+    ):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.weight = Parameter(np.empty((out_features, in_features), dtype))
@@ -101,8 +104,17 @@ class Conv2d(_Cached):
     weight (C_out, C_in, k, k).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 bias: bool = True, dtype=np.float32, rng=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        dtype=np.float32,
+        rng=None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = _pair_int(kernel_size, "kernel_size")
@@ -118,8 +130,10 @@ class Conv2d(_Cached):
     def forward(self, x):
         x = _check_input(x, 4, "(N, C, H, W)", 1, self.in_channels)
         if min(x.shape[2:]) + 2 * self.padding < self.kernel_size:
-            raise ValueError(f"input of shape {x.shape} is smaller than the kernel "
-                             f"({self.kernel_size}) after padding {self.padding}")
+            raise ValueError(
+                f"input of shape {x.shape} is smaller than the kernel "
+                f"({self.kernel_size}) after padding {self.padding}"
+            )
         b = None if self.bias is None else self.bias.data
         y, self._cache = ops.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
         return y
@@ -132,8 +146,10 @@ class Conv2d(_Cached):
         return dx
 
     def extra_repr(self):
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}"
+        )
 
 
 class MaxPool2d(_Cached):
@@ -150,8 +166,9 @@ class MaxPool2d(_Cached):
     def forward(self, x):
         x = _check_input(x, 4, "(N, C, H, W)")
         if min(x.shape[2:]) < self.kernel_size:
-            raise ValueError(f"input of shape {x.shape} is smaller than the pooling window "
-                             f"({self.kernel_size})")
+            raise ValueError(
+                f"input of shape {x.shape} is smaller than the pooling window ({self.kernel_size})"
+            )
         y, self._cache = ops.maxpool2d_forward(x, self.kernel_size, self.stride)
         return y
 

@@ -27,11 +27,15 @@ class CrossEntropyLoss:
         if logits.ndim != 2:
             raise ValueError(f"expected 2D logits (N, K), got shape {logits.shape}")
         if labels.shape != (logits.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-            raise ValueError(f"expected integer labels of shape ({logits.shape[0]},), "
-                             f"got {labels.dtype} array of shape {labels.shape}")
+            raise ValueError(
+                f"expected integer labels of shape ({logits.shape[0]},), "
+                f"got {labels.dtype} array of shape {labels.shape}"
+            )
         if labels.size and (labels.min() < 0 or labels.max() >= logits.shape[1]):
-            raise ValueError(f"labels must be in [0, {logits.shape[1]}), "
-                             f"got values in [{labels.min()}, {labels.max()}]")
+            raise ValueError(
+                f"labels must be in [0, {logits.shape[1]}), "
+                f"got values in [{labels.min()}, {labels.max()}]"
+            )
         loss, self._cache = ops.cross_entropy_forward(logits, labels)
         return float(loss)
 

@@ -11,7 +11,8 @@ parameter's ``.grad`` (call ``zero_grad()`` between steps).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,14 @@ class Parameter:
 
 class Module:
     """Base class of every layer: parameters, buffers, children, train/eval, state dicts."""
+
+    _parameters: OrderedDict[str, Parameter]
+    _buffers: list[str]
+    _modules: OrderedDict[str, Module]
+
+    if TYPE_CHECKING:  # attributes are assigned freely (layers, parameters, buffers)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
@@ -70,7 +79,7 @@ class Module:
         return self.forward(x, **kwargs)
 
     # --- traversal ----------------------------------------------------------------------
-    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
         yield prefix, self
         for name, child in self._modules.items():
             yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
@@ -88,16 +97,16 @@ class Module:
         for p in self.parameters():
             p.grad[...] = 0
 
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         for _, mod in self.named_modules():
             object.__setattr__(mod, "training", bool(mode))
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         return self.train(False)
 
     # --- dtype conversion ---------------------------------------------------------------
-    def to(self, dtype) -> "Module":
+    def to(self, dtype) -> Module:
         """Cast every parameter (``data`` and ``grad``) and floating buffer to ``dtype``, in
         place, and return the module (as ``torch.nn.Module.to(dtype)``). The Parameter
         objects stay the same, so an optimizer built before still holds them; integer
@@ -116,16 +125,16 @@ class Module:
                     object.__setattr__(mod, name, value.astype(dt))
         return self
 
-    def double(self) -> "Module":
+    def double(self) -> Module:
         """``self.to(np.float64)``."""
         return self.to(np.float64)
 
-    def float(self) -> "Module":
+    def float(self) -> Module:
         """``self.to(np.float32)``."""
         return self.to(np.float32)
 
     # --- state dicts --------------------------------------------------------------------
-    def _state_items(self) -> Iterator[tuple[str, "Module", str, str]]:
+    def _state_items(self) -> Iterator[tuple[str, Module, str, str]]:
         """(key, owning module, attribute, kind) for every saved entry, in PyTorch's order."""
         for prefix, mod in self.named_modules():
             pre = f"{prefix}." if prefix else ""
@@ -135,7 +144,7 @@ class Module:
                 if getattr(mod, name) is not None:
                     yield pre + name, mod, name, "buffer"
 
-    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+    def state_dict(self) -> OrderedDict[str, np.ndarray]:
         """Copies of every parameter and buffer as NumPy arrays, under PyTorch's keys.
 
         Integer buffers (``num_batches_tracked``) become 0-d int64 arrays, so
@@ -170,7 +179,9 @@ class Module:
                 )
             if np.issubdtype(new.dtype, np.floating) and not np.isfinite(new).all():
                 raise ValueError(f"{key} contains NaN or inf")
-            if np.issubdtype(old_arr.dtype, np.integer) and not np.issubdtype(new.dtype, np.integer):
+            if np.issubdtype(old_arr.dtype, np.integer) and not np.issubdtype(
+                new.dtype, np.integer
+            ):
                 raise TypeError(f"{key} must be an integer array, got dtype {new.dtype}")
             staged.append((mod, name, kind, new.astype(old_arr.dtype)))
         for mod, name, kind, value in staged:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-
 # --- Linear: y = x W^T + b ---------------------------------------------------------------
 
 
@@ -37,7 +36,9 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 def _im2col(xp, kh, kw, stride):
     """Padded (N, C, Hp, Wp) -> columns (N*Ho*Wo, C*kh*kw): one row per output pixel."""
-    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]  # (N,C,Ho,Wo,kh,kw)
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[
+        :, :, ::stride, ::stride
+    ]  # (N,C,Ho,Wo,kh,kw)
     N, C, Ho, Wo = win.shape[:4]
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(N * Ho * Wo, C * kh * kw), Ho, Wo
 
@@ -53,11 +54,11 @@ def conv2d_forward(x, weight, bias, stride: int = 1, padding: int = 0):
     N, C, H, W = x.shape
     O, _, kh, kw = weight.shape
     xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else x
-    cols, Ho, Wo = _im2col(xp, kh, kw, stride)                       # (N*Ho*Wo, C*kh*kw)
-    y = cols @ weight.reshape(O, -1).T                               # (N*Ho*Wo, O)
+    cols, Ho, Wo = _im2col(xp, kh, kw, stride)  # (N*Ho*Wo, C*kh*kw)
+    y = cols @ weight.reshape(O, -1).T  # (N*Ho*Wo, O)
     if bias is not None:
         y += bias
-    y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)                # (N, O, Ho, Wo)
+    y = y.reshape(N, Ho, Wo, O).transpose(0, 3, 1, 2)  # (N, O, Ho, Wo)
     return np.ascontiguousarray(y), (cols, x.shape, weight, stride, padding)
 
 
@@ -66,16 +67,17 @@ def conv2d_backward(dy, cache):
     cols, (N, C, H, W), weight, stride, padding = cache
     O, _, kh, kw = weight.shape
     Ho, Wo = dy.shape[2:]
-    dy_mat = dy.transpose(0, 2, 3, 1).reshape(-1, O)                 # (N*Ho*Wo, O)
+    dy_mat = dy.transpose(0, 2, 3, 1).reshape(-1, O)  # (N*Ho*Wo, O)
     dweight = (dy_mat.T @ cols).reshape(weight.shape)
     dbias = dy_mat.sum(axis=0)
     dcols = (dy_mat @ weight.reshape(O, -1)).reshape(N, Ho, Wo, C, kh, kw)
     dxp = np.zeros((N, C, H + 2 * padding, W + 2 * padding), dtype=dy.dtype)
-    for p in range(kh):                                              # col2im: kh*kw strided adds
+    for p in range(kh):  # col2im: kh*kw strided adds
         for q in range(kw):
-            dxp[:, :, p:p + stride * Ho:stride, q:q + stride * Wo:stride] += (
-                dcols[:, :, :, :, p, q].transpose(0, 3, 1, 2))
-    dx = dxp[:, :, padding:padding + H, padding:padding + W] if padding else dxp
+            dxp[:, :, p : p + stride * Ho : stride, q : q + stride * Wo : stride] += dcols[
+                :, :, :, :, p, q
+            ].transpose(0, 3, 1, 2)
+    dx = dxp[:, :, padding : padding + H, padding : padding + W] if padding else dxp
     return dx, dweight, dbias
 
 
@@ -91,7 +93,7 @@ def maxpool2d_forward(x, kernel_size: int, stride: int):
     k, s = kernel_size, stride
     win = sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::s, ::s]  # (N, C, Ho, Wo, k, k)
     flat = win.reshape(win.shape[:4] + (k * k,))
-    arg = flat.argmax(axis=-1)                                        # (N, C, Ho, Wo)
+    arg = flat.argmax(axis=-1)  # (N, C, Ho, Wo)
     y = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
     return y, (arg, x.shape, k, s)
 
@@ -100,7 +102,7 @@ def maxpool2d_backward(dy, cache):
     """Each window's gradient goes to its (first) maximum; overlapping windows add up."""
     arg, shape, k, s = cache
     N, C, Ho, Wo = arg.shape
-    rows = np.arange(Ho)[:, None] * s + arg // k                     # (N, C, Ho, Wo)
+    rows = np.arange(Ho)[:, None] * s + arg // k  # (N, C, Ho, Wo)
     cols = np.arange(Wo)[None, :] * s + arg % k
     n = np.arange(N)[:, None, None, None]
     c = np.arange(C)[None, :, None, None]
@@ -143,7 +145,7 @@ def sigmoid_backward(dy, y):
 def cross_entropy_forward(logits, labels):
     """loss = mean_n [ logsumexp(z_n) - z_n[label_n] ].  logits (N, K), labels (N,) ints."""
     z = logits - logits.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))          # log-softmax (N, K)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # log-softmax (N, K)
     N = logits.shape[0]
     loss = -log_p[np.arange(N), labels].mean()
     return loss, (log_p, labels)

@@ -48,12 +48,13 @@ class SGD(Optimizer):
         for i, p in enumerate(self.params):
             g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
             if self.momentum:
-                if self.velocity[i] is None:
-                    self.velocity[i] = g.copy()
+                v = self.velocity[i]
+                if v is None:
+                    v = self.velocity[i] = g.copy()
                 else:
-                    self.velocity[i] *= self.momentum
-                    self.velocity[i] += g
-                g = self.velocity[i]
+                    v *= self.momentum
+                    v += g
+                g = v
             p.data -= self.lr * g
 
     def state_dict(self):
@@ -73,8 +74,14 @@ class Adam(Optimizer):
     Args: params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(params, lr)
         self.beta1, self.beta2 = map(float, betas)
         self.eps, self.weight_decay = float(eps), float(weight_decay)
@@ -84,7 +91,7 @@ class Adam(Optimizer):
 
     def step(self) -> None:
         self.t += 1
-        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
+        c1, c2 = 1 - self.beta1**self.t, 1 - self.beta2**self.t
         for p, m, v in zip(self.params, self.m, self.v):
             g = p.grad + self.weight_decay * p.data if self.weight_decay else p.grad
             m *= self.beta1

@@ -8,6 +8,7 @@ The same names exist for torch models in :mod:`bnlab.torch`, with the same seman
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,8 +17,13 @@ from .batchnorm import BatchNorm1d, BatchNorm2d, _BatchNorm
 from .layers import Conv2d, Linear, Sequential
 from .module import Module, Parameter
 
+if TYPE_CHECKING:  # the layer class a mixin is placed before, for the type checker
+    _Host = _BatchNorm
+else:
+    _Host = object
 
-class _Ghost:
+
+class _Ghost(_Host):
     """Mixin: training normalizes each virtual batch of ``virtual_batch_size`` samples with
     its own statistics (:func:`bnlab.functional.ghost_batch_norm_forward`); the running
     statistics are updated once per call with the average of the virtual batches' means
@@ -36,8 +42,9 @@ class _Ghost:
         self._check_input(x)
         gamma = None if self.weight is None else self.weight.data
         beta = None if self.bias is None else self.bias.data
-        y, caches = F.ghost_batch_norm_forward(x, gamma, beta, self.eps,
-                                               self.virtual_batch_size, self.axis)
+        y, caches = F.ghost_batch_norm_forward(
+            x, gamma, beta, self.eps, self.virtual_batch_size, self.axis
+        )
         if self.training and self.running_mean is not None:
             self._update_running(*F.ghost_statistics(caches))
         self._cache = caches
@@ -63,8 +70,15 @@ class GhostBatchNorm1d(_Ghost, BatchNorm1d):
         >>> y = bn(np.random.randn(64, 100).astype(np.float32))
     """
 
-    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
-                 affine=True, dtype=np.float32):
+    def __init__(
+        self,
+        num_features,
+        virtual_batch_size: int,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        dtype=np.float32,
+    ):
         super().__init__(num_features, eps, momentum, affine, True, dtype)
         self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
 
@@ -73,13 +87,21 @@ class GhostBatchNorm2d(_Ghost, BatchNorm2d):
     """Ghost BN over (N, C, H, W) input (or NHWC); N must be a multiple of
     ``virtual_batch_size`` in training. Arguments as :class:`BatchNorm2d`."""
 
-    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
-                 affine=True, dtype=np.float32, data_format: str = "NCHW"):
+    def __init__(
+        self,
+        num_features,
+        virtual_batch_size: int,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        dtype=np.float32,
+        data_format: str = "NCHW",
+    ):
         super().__init__(num_features, eps, momentum, affine, True, dtype, data_format)
         self.virtual_batch_size = F.check_virtual_batch_size(virtual_batch_size)
 
 
-class _Renorm:
+class _Renorm(_Host):
     """Mixin: batch renormalization in training (:func:`bnlab.functional.batch_renorm_forward`),
     BN with the running statistics in evaluation.
 
@@ -106,12 +128,21 @@ class _Renorm:
         self._check_input(x)
         gamma = None if self.weight is None else self.weight.data
         beta = None if self.bias is None else self.bias.data
-        y, cache = F.batch_renorm_forward(x, gamma, beta, self.eps, self.axis,
-                                          self.renorm_mean, self.renorm_std, self.rmax,
-                                          self.dmax)
+        y, cache = F.batch_renorm_forward(
+            x,
+            gamma,
+            beta,
+            self.eps,
+            self.axis,
+            self.renorm_mean,
+            self.renorm_std,
+            self.rmax,
+            self.dmax,
+        )
         bn = cache.bn
-        F.update_renorm_stats(self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std,
-                              self.renorm_momentum)
+        F.update_renorm_stats(
+            self.renorm_mean, self.renorm_std, bn.mean, 1.0 / bn.inv_std, self.renorm_momentum
+        )
         self._update_running(bn.mean, bn.var, x.size // self.num_features)
         self._cache = cache
         return y
@@ -124,8 +155,10 @@ class _Renorm:
         return dx
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
-                f"renorm_momentum={self.renorm_momentum}")
+        return (
+            super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
+            f"renorm_momentum={self.renorm_momentum}"
+        )
 
 
 class BatchRenorm1d(_Renorm, BatchNorm1d):
@@ -136,8 +169,17 @@ class BatchRenorm1d(_Renorm, BatchNorm1d):
         >>> y = bn(np.random.randn(4, 100).astype(np.float32))   # small batches are its point
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
-                 renorm_momentum=0.01, dtype=np.float32):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        rmax=3.0,
+        dmax=5.0,
+        renorm_momentum=0.01,
+        dtype=np.float32,
+    ):
         super().__init__(num_features, eps, momentum, affine, True, dtype)
         self._init_renorm(rmax, dmax, renorm_momentum, dtype)
 
@@ -145,8 +187,18 @@ class BatchRenorm1d(_Renorm, BatchNorm1d):
 class BatchRenorm2d(_Renorm, BatchNorm2d):
     """Batch renormalization over (N, C, H, W) (or NHWC) input (see :class:`_Renorm`)."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
-                 renorm_momentum=0.01, dtype=np.float32, data_format: str = "NCHW"):
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        rmax=3.0,
+        dmax=5.0,
+        renorm_momentum=0.01,
+        dtype=np.float32,
+        data_format: str = "NCHW",
+    ):
         super().__init__(num_features, eps, momentum, affine, True, dtype, data_format)
         self._init_renorm(rmax, dmax, renorm_momentum, dtype)
 
@@ -163,11 +215,21 @@ class BatchNormAct2d(BatchNorm2d):
         >>> layer = BatchNormAct2d(16)      # replaces BatchNorm2d(16) followed by ReLU()
     """
 
-    def __init__(self, num_features, act: str = "relu", eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, dtype=np.float32, data_format: str = "NCHW"):
+    def __init__(
+        self,
+        num_features,
+        act: str = "relu",
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        dtype=np.float32,
+        data_format: str = "NCHW",
+    ):
         F._check_act(act)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype,
-                         data_format)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, dtype, data_format
+        )
         self.act = act
 
     def extra_repr(self) -> str:
@@ -196,8 +258,9 @@ class FrozenBatchNorm2d(Module):
         self._cache = None
 
     def forward(self, x):
-        y, self._cache = F.batch_norm_inference(x, self.running_mean, self.running_var,
-                                                self.weight, self.bias, self.eps, self.axis)
+        y, self._cache = F.batch_norm_inference(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, self.axis
+        )
         return y
 
     def backward(self, dy):
@@ -228,12 +291,14 @@ def freeze(module: Module) -> Module:
     """Replace every BatchNorm1d/2d in ``module`` (in place) by a :class:`FrozenBatchNorm2d`
     holding copies of its parameters and running statistics; returns the module (the new
     one if ``module`` itself is a BN layer)."""
+
     def frozen(bn):
         if not isinstance(bn, _BatchNorm):
             return None
         if bn.running_mean is None:
-            raise ValueError(f"cannot freeze {bn!r}: it has no running statistics "
-                             "(track_running_stats=False)")
+            raise ValueError(
+                f"cannot freeze {bn!r}: it has no running statistics (track_running_stats=False)"
+            )
         new = FrozenBatchNorm2d(bn.num_features, bn.eps, bn.running_mean.dtype, bn.axis)
         for name in ("running_mean", "running_var"):
             getattr(new, name)[...] = getattr(bn, name)
@@ -255,8 +320,11 @@ def recalibrate(model: Module, batches) -> Module:
     inputs, or of (input, target) pairs), then restore each layer's momentum and the
     model's train/eval mode. The running variance is the average of the batches' unbiased
     variances. Returns the model."""
-    bns = [m for _, m in model.named_modules() if isinstance(m, _BatchNorm)
-           and m.running_mean is not None]
+    bns = [
+        m
+        for _, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None
+    ]
     return recalibrate_layers(model, bns, batches, _reset_running_stats)
 
 
@@ -303,18 +371,27 @@ def fold_batchnorm(module: Module, strict: bool = False) -> Module:
         if not isinstance(seq, Sequential):
             continue
         layers, names = list(seq._modules.values()), list(seq._modules)
-        keep = []
+        keep: list[Module] = []
         for i, layer in enumerate(layers):
             prev = keep[-1] if keep else None
-            foldable = (isinstance(layer, _BatchNorm) and layer.running_mean is not None
-                        and layer.axis == 1 and isinstance(prev, (Conv2d, Linear))
-                        and prev.weight.shape[0] == layer.num_features)
+            foldable = (
+                isinstance(layer, _BatchNorm)
+                and layer.running_mean is not None
+                and layer.axis == 1
+                and isinstance(prev, (Conv2d, Linear))
+                and prev.weight.shape[0] == layer.num_features
+            )
             if foldable:
+                assert isinstance(prev, (Conv2d, Linear)) and isinstance(layer, _BatchNorm)
                 w, b = F.fold_batchnorm_params(
-                    prev.weight.data, None if prev.bias is None else prev.bias.data,
-                    layer.running_mean, layer.running_var,
+                    prev.weight.data,
+                    None if prev.bias is None else prev.bias.data,
+                    layer.running_mean,
+                    layer.running_var,
                     None if layer.weight is None else layer.weight.data,
-                    None if layer.bias is None else layer.bias.data, layer.eps)
+                    None if layer.bias is None else layer.bias.data,
+                    layer.eps,
+                )
                 prev.weight.data = w
                 if prev.bias is None:
                     prev.bias = Parameter(b)
@@ -323,8 +400,10 @@ def fold_batchnorm(module: Module, strict: bool = False) -> Module:
                 continue
             if isinstance(layer, _BatchNorm) and strict:
                 where = f"{prefix}.{names[i]}" if prefix else names[i]
-                raise ValueError(f"fold_batchnorm(strict=True): the BN layer {where!r} does "
-                                 f"not directly follow a Conv2d or Linear layer")
+                raise ValueError(
+                    f"fold_batchnorm(strict=True): the BN layer {where!r} does "
+                    f"not directly follow a Conv2d or Linear layer"
+                )
             keep.append(layer)
         if len(keep) != len(layers):
             for name in names:

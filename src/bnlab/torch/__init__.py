@@ -17,10 +17,9 @@ deliberate difference from torch (a NaN/inf batch does not poison the running
 statistics): :mod:`bnlab.torch.functional`.
 """
 
-try:
-    import torch as _torch  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("bnlab.torch needs PyTorch: pip install 'bnlab[torch]'") from e
+from ..extras import need
+
+need("torch", "bnlab.torch")  # without it: an ImportError naming bnlab[torch]
 
 from . import models
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -29,12 +28,39 @@ from .doctor import doctor
 from .functional import BACKENDS, batch_norm
 from .fuse import fuse
 from .sync import SyncBatchNorm
-from .variants import (BatchNormAct2d, BatchNormAddAct2d, BatchRenorm1d, BatchRenorm2d,
-                       FrozenBatchNorm2d, GhostBatchNorm1d, GhostBatchNorm2d, fold_batchnorm,
-                       freeze, recalibrate)
+from .variants import (
+    BatchNormAct2d,
+    BatchNormAddAct2d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    FrozenBatchNorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    fold_batchnorm,
+    freeze,
+    recalibrate,
+)
 
-__all__ = ["BACKENDS", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d",
-           "BatchNormAddAct2d",
-           "BatchRenorm1d", "BatchRenorm2d", "FrozenBatchNorm2d", "GhostBatchNorm1d",
-           "GhostBatchNorm2d", "SyncBatchNorm", "batch_norm", "convert", "doctor",
-           "fold_batchnorm", "freeze", "fuse", "models", "recalibrate", "revert"]
+__all__ = [
+    "BACKENDS",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormAct2d",
+    "BatchNormAddAct2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "FrozenBatchNorm2d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "convert",
+    "doctor",
+    "fold_batchnorm",
+    "freeze",
+    "fuse",
+    "models",
+    "recalibrate",
+    "revert",
+]

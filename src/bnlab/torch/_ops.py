@@ -51,7 +51,7 @@ import ctypes
 import math
 import sys
 import threading
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -144,8 +144,9 @@ class _Outputs:
         n = layout.numel() * layout.element_size()
         with self._lock:  # claim (use count 2) before another thread can
             storage, offset = self._free(n) or self._new(n)
-            return torch.empty(0, dtype=dtype).set_(storage, offset // layout.element_size(),
-                                                    layout.shape, layout.stride())
+            return torch.empty(0, dtype=dtype).set_(
+                storage, offset // layout.element_size(), layout.shape, layout.stride()
+            )
 
     def _free(self, n: int):
         for i, (storage, offset) in enumerate(self._kept):
@@ -158,8 +159,9 @@ class _Outputs:
         storage = torch.UntypedStorage(n + _HUGE)
         start = (storage.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
         if _MADVISE is not None:
-            _MADVISE(start, (storage.data_ptr() + n + _HUGE - start) & ~(_PAGE - 1),
-                     _MADV_HUGEPAGE)
+            _MADVISE(
+                start, (storage.data_ptr() + n + _HUGE - start) & ~(_PAGE - 1), _MADV_HUGEPAGE
+            )
         self._kept.append((storage, start - storage.data_ptr()))
         while sum(s.nbytes() for s, _ in self._kept) > self.KEEP and len(self._kept) > 1:
             self._kept.pop(0)  # forget the oldest (still in use or not)
@@ -219,19 +221,27 @@ def _threads():
 # --- implementations (plain functions on real CPU tensors) ---------------------------------
 
 
-def train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-               eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def train_impl(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, and the batch's mean, biased var and inv_std (float64, (C,))."""
     fmt = memory_format(x)
     xv, axis = _as_numpy(x, fmt)
     y, yv = _output(x, fmt)  # the kernel writes into y through yv
-    _, mean, var, inv_std = _numba().train_forward(xv, _vec(weight), _vec(bias), eps, axis,
-                                                   out=yv, threads=_threads())
+    _, mean, var, inv_std = _numba().train_forward(
+        xv, _vec(weight), _vec(bias), eps, axis, out=yv, threads=_threads()
+    )
     return y, torch.from_numpy(mean), torch.from_numpy(var), torch.from_numpy(inv_std)
 
 
-def eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-              bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def eval_impl(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """y with the given statistics, and mean and inv_std (float64 copies, (C,)) for the
     backward: the running buffers may change before it runs."""
     fmt = memory_format(x)
@@ -239,26 +249,50 @@ def eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
     y, yv = _output(x, fmt)
     inv_std = F.inv_std_of(_vec(var), eps, np.float64)
     mean = mean.detach().to(_F64, copy=True)
-    _numba().inference(xv, mean.numpy(), inv_std, _vec(weight), _vec(bias), axis, out=yv,
-                       threads=_threads())
+    _numba().inference(
+        xv, mean.numpy(), inv_std, _vec(weight), _vec(bias), axis, out=yv, threads=_threads()
+    )
     return y, mean, torch.from_numpy(inv_std)
 
 
-def backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
-                  weight: Optional[Tensor], batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+def backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    inv_std: Tensor,
+    weight: Optional[Tensor],
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """dx, dgamma, dbeta (the last two float64, (C,))."""
     xv, dyv, axis, dx, dxv = _grad_views(dy, x)
-    _, dgamma, dbeta = _numba().backward(dyv, xv, _own(mean), _own(inv_std), _vec(weight),
-                                         axis, batch_stats, out=dxv, threads=_threads())
+    _, dgamma, dbeta = _numba().backward(
+        dyv,
+        xv,
+        _own(mean),
+        _own(inv_std),
+        _vec(weight),
+        axis,
+        batch_stats,
+        out=dxv,
+        threads=_threads(),
+    )
     return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
 
 
-def update_impl(running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor,
-                mean: Tensor, var: Tensor, count: int, momentum: Optional[float]) -> None:
+def update_impl(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: Optional[float],
+) -> None:
     """:func:`bnlab.torch.engine.update_running` (the one update, NaN guard included) as an
     op: what a traced graph calls, since a traced forward cannot mutate."""
-    engine.update_running(running_mean, running_var, num_batches_tracked, mean, var, count,
-                          momentum)
+    engine.update_running(
+        running_mean, running_var, num_batches_tracked, mean, var, count, momentum
+    )
 
 
 # --- the Triton kernels (CUDA; CPU tensors under TRITON_INTERPRET=1) ---------------------
@@ -272,21 +306,33 @@ def _triton():
     return kernels.resolve_triton()
 
 
-def triton_train_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def triton_train_impl(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y, and the batch's mean (float64), biased var and inv_std (float32), each (C,)."""
     return _triton().train_forward(x, weight, bias, eps)
 
 
-def triton_eval_impl(x: Tensor, mean: Tensor, var: Tensor, weight: Optional[Tensor],
-                     bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def triton_eval_impl(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """y with the given statistics, and copies of mean (float64) and inv_std (float32)."""
     return _triton().inference(x, mean, var, weight, bias, eps)
 
 
-def triton_backward_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
-                         weight: Optional[Tensor],
-                         batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+def triton_backward_impl(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    inv_std: Tensor,
+    weight: Optional[Tensor],
+    batch_stats: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """dx, dgamma, dbeta (the last two float32, (C,))."""
     return _triton().backward(dy, x, mean, inv_std, weight, batch_stats)
 
@@ -299,8 +345,11 @@ def graph_wanted(dy: Optional[Tensor] = None) -> bool:
     (``torch.func``; gradcheck's batched gradients, whose legacy vmap batches ``dy``): the
     kernels' backward then gives way to the same closed form in torch operations
     (:func:`bnlab.torch.reference.grads`)."""
-    return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
-            or (dy is not None and _legacy_batched(dy)))
+    return (
+        torch.is_grad_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or (dy is not None and _legacy_batched(dy))
+    )
 
 
 # torch's private test for gradcheck's legacy vmap; a torch without it has no such vmap
@@ -319,8 +368,9 @@ def _grads(ctx, dy, batch_stats: bool, backward, act: str = "identity"):
     through the differentiable closed form when a graph is wanted."""
     x, weight, bias, mean, inv_std = ctx.saved_tensors
     if graph_wanted(dy):
-        dx, dgamma, dbeta = reference.grads(dy, x, weight, bias, ctx.eps, batch_stats, mean,
-                                            inv_std, act)
+        dx, dgamma, dbeta = reference.grads(
+            dy, x, weight, bias, ctx.eps, batch_stats, mean, inv_std, act
+        )
     else:
         dx, dgamma, dbeta = backward(dy, x, mean, inv_std, weight, batch_stats)
     dweight = None if ctx.weight_dtype is None else dgamma.to(ctx.weight_dtype)
@@ -363,25 +413,37 @@ def _stats_fake(x: Tensor, mean_dtype: torch.dtype, stat_dtype: torch.dtype, n: 
 class Ops(NamedTuple):
     """One kernel family's four custom ops."""
 
-    train: object
-    eval: object
-    backward: object
-    update: object
+    train: Any
+    eval: Any
+    backward: Any
+    update: Any
 
 
-def _custom_ops(prefix: str, train, eval_, backward, update, device_types,
-                mean_dtype: torch.dtype, stat_dtype: torch.dtype) -> Ops:
+def _custom_ops(
+    prefix: str,
+    train,
+    eval_,
+    backward,
+    update,
+    device_types,
+    mean_dtype: torch.dtype,
+    stat_dtype: torch.dtype,
+) -> Ops:
     """Register ``bnlab::{prefix}batch_norm_train`` etc. (module docstring) around the
     implementations, with fake implementations (the mean of ``mean_dtype``, the other
     statistics and dgamma/dbeta of ``stat_dtype``) and the autograd formulas above."""
-    def op(name, fn, mutates_args=()):
-        return torch.library.custom_op(f"bnlab::{prefix}{name}", fn, mutates_args=mutates_args,
-                                       device_types=device_types)
 
-    ops = Ops(op("batch_norm_train", train), op("batch_norm_eval", eval_),
-              op("batch_norm_backward", backward),
-              op("update_running_stats", update,
-                 ("running_mean", "running_var", "num_batches_tracked")))
+    def op(name, fn, mutates_args=()):
+        return torch.library.custom_op(
+            f"bnlab::{prefix}{name}", fn, mutates_args=mutates_args, device_types=device_types
+        )
+
+    ops = Ops(
+        op("batch_norm_train", train),
+        op("batch_norm_eval", eval_),
+        op("batch_norm_backward", backward),
+        op("update_running_stats", update, ("running_mean", "running_var", "num_batches_tracked")),
+    )
 
     @ops.train.register_fake
     def _(x, weight, bias, eps):
@@ -399,16 +461,26 @@ def _custom_ops(prefix: str, train, eval_, backward, update, device_types,
     def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
         return None
 
-    ops.train.register_autograd(lambda ctx, dy, *_: _train_grads(ctx, dy, ops.backward),
-                                setup_context=_setup_train)
-    ops.eval.register_autograd(lambda ctx, dy, *_: _eval_grads(ctx, dy, ops.backward),
-                               setup_context=_setup_eval)
+    ops.train.register_autograd(
+        lambda ctx, dy, *_: _train_grads(ctx, dy, ops.backward), setup_context=_setup_train
+    )
+    ops.eval.register_autograd(
+        lambda ctx, dy, *_: _eval_grads(ctx, dy, ops.backward), setup_context=_setup_eval
+    )
     return ops
 
 
 NUMBA_OPS = _custom_ops("", train_impl, eval_impl, backward_impl, update_impl, "cpu", _F64, _F64)
-TRITON_OPS = _custom_ops("triton_", triton_train_impl, triton_eval_impl, triton_backward_impl,
-                         update_impl, None, _F64, torch.float32)
+TRITON_OPS = _custom_ops(
+    "triton_",
+    triton_train_impl,
+    triton_eval_impl,
+    triton_backward_impl,
+    update_impl,
+    None,
+    _F64,
+    torch.float32,
+)
 batch_norm_train, batch_norm_eval, batch_norm_backward, update_running_stats = NUMBA_OPS
 
 
@@ -438,13 +510,31 @@ def grad_sums_impl(dy: Tensor, x: Tensor, mean: Tensor) -> tuple[Tensor, Tensor]
     return torch.from_numpy(s), torch.from_numpy(p)
 
 
-def dx_from_sums_impl(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor,
-                      weight: Optional[Tensor], sum_dy: Tensor, sum_dy_xmu: Tensor,
-                      count: int) -> Tensor:
+def dx_from_sums_impl(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    inv_std: Tensor,
+    weight: Optional[Tensor],
+    sum_dy: Tensor,
+    sum_dy_xmu: Tensor,
+    count: int,
+) -> Tensor:
     """dx (batch statistics) from sums over ``count`` values per channel."""
     xv, dyv, axis, dx, dxv = _grad_views(dy, x)
-    _numba().dx_from_sums(dyv, xv, _own(mean), _own(inv_std), _vec(weight), _own(sum_dy),
-                          _own(sum_dy_xmu), count, axis, out=dxv, threads=_threads())
+    _numba().dx_from_sums(
+        dyv,
+        xv,
+        _own(mean),
+        _own(inv_std),
+        _vec(weight),
+        _own(sum_dy),
+        _own(sum_dy_xmu),
+        count,
+        axis,
+        out=dxv,
+        threads=_threads(),
+    )
     return dx
 
 
@@ -455,13 +545,13 @@ def _triton_method(name):
 class Engine(NamedTuple):
     """One kernel family's implementations, for the eager Functions and the modules."""
 
-    train: object  # (x, weight, bias, eps, running_mean, running_var, nbt, count, momentum)
-    eval: object
-    backward: object
+    train: Any  # (x, weight, bias, eps, running_mean, running_var, nbt, count, momentum)
+    eval: Any
+    backward: Any
     ops: Ops
-    moments: object  # x -> mean, var
-    grad_sums: object  # (dy, x, mean) -> sum(dy), sum(dy * (x - mean))
-    dx_from_sums: object  # (dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count) -> dx
+    moments: Any  # x -> mean, var
+    grad_sums: Any  # (dy, x, mean) -> sum(dy), sum(dy * (x - mean))
+    dx_from_sums: Any  # (dy, x, mean, inv_std, weight, sum_dy, sum_dy_xmu, count) -> dx
 
 
 def _numba_train(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum):
@@ -474,15 +564,31 @@ def _numba_train(x, weight, bias, eps, running_mean, running_var, nbt, count, mo
 def _triton_train(x, weight, bias, eps, running_mean, running_var, nbt, count, momentum):
     # the update in the same launch: the kernel's form of engine.update_running (same
     # momentum, unbiased count and guard)
-    return _triton().train_forward(x, weight, bias, eps, running_mean, running_var, nbt,
-                                   engine.momentum_of(momentum, nbt))
+    return _triton().train_forward(
+        x, weight, bias, eps, running_mean, running_var, nbt, engine.momentum_of(momentum, nbt)
+    )
 
 
-ENGINES = {"numba": Engine(_numba_train, eval_impl, backward_impl, NUMBA_OPS, moments_impl,
-                           grad_sums_impl, dx_from_sums_impl),
-           "triton": Engine(_triton_train, triton_eval_impl, triton_backward_impl, TRITON_OPS,
-                            _triton_method("moments"), _triton_method("grad_sums"),
-                            _triton_method("dx_from_sums"))}
+ENGINES = {
+    "numba": Engine(
+        _numba_train,
+        eval_impl,
+        backward_impl,
+        NUMBA_OPS,
+        moments_impl,
+        grad_sums_impl,
+        dx_from_sums_impl,
+    ),
+    "triton": Engine(
+        _triton_train,
+        triton_eval_impl,
+        triton_backward_impl,
+        TRITON_OPS,
+        _triton_method("moments"),
+        _triton_method("grad_sums"),
+        _triton_method("dx_from_sums"),
+    ),
+}
 
 
 # Classic-style Functions (ctx as forward's first argument): a Function with a separate
@@ -498,10 +604,12 @@ class TrainFunction(torch.autograd.Function):
     (if given) as a side effect. Differentiable in x, weight, bias, to any order."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, running_mean, running_var, nbt, count, momentum,
-                engine):
-        output = engine.train(x, weight, bias, eps, running_mean, running_var, nbt, count,
-                              momentum)
+    def forward(
+        ctx, x, weight, bias, eps, running_mean, running_var, nbt, count, momentum, engine
+    ):
+        output = engine.train(
+            x, weight, bias, eps, running_mean, running_var, nbt, count, momentum
+        )
         _setup_train(ctx, (x, weight, bias, eps), output)
         ctx.engine = engine
         ctx.set_materialize_grads(False)
@@ -511,8 +619,7 @@ class TrainFunction(torch.autograd.Function):
     def backward(ctx, dy, *_):
         if dy is None:
             return (None,) * 10
-        return (*_train_grads(ctx, dy, ctx.engine.backward), None, None, None, None, None,
-                None)
+        return (*_train_grads(ctx, dy, ctx.engine.backward), None, None, None, None, None, None)
 
 
 class EvalFunction(torch.autograd.Function):
@@ -545,34 +652,66 @@ class ActFunction(torch.autograd.Function):
     mode; ``engine`` "numba" (CPU float32/64) or "triton"."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, nbt, eps, momentum, training,
-                act, engine_name="numba"):
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        nbt,
+        eps,
+        momentum,
+        training,
+        act,
+        engine_name="numba",
+    ):
         ctx.training, ctx.act, ctx.engine = training, act, engine_name
         if engine_name == "triton":
             tb = _triton()
             if training:
-                y, mean, _, inv_std = tb.train_forward(x, weight, bias, eps, running_mean,
-                                                       running_var, nbt,
-                                                       engine.momentum_of(momentum, nbt), act)
+                y, mean, _, inv_std = tb.train_forward(
+                    x,
+                    weight,
+                    bias,
+                    eps,
+                    running_mean,
+                    running_var,
+                    nbt,
+                    engine.momentum_of(momentum, nbt),
+                    act,
+                )
             else:
-                y, mean, inv_std = tb.inference(x, running_mean, running_var, weight, bias,
-                                                eps, act)
+                y, mean, inv_std = tb.inference(
+                    x, running_mean, running_var, weight, bias, eps, act
+                )
         else:
             fmt = memory_format(x)
             xv, axis = _as_numpy(x, fmt)
             y, yv = _output(x, fmt)
             w, b = _vec(weight), _vec(bias)
             if training:
-                _, mean, var, inv_std = _numba().train_forward(xv, w, b, eps, axis, out=yv,
-                                                               threads=_threads(), act=act)
+                _, mean, var, inv_std = _numba().train_forward(
+                    xv, w, b, eps, axis, out=yv, threads=_threads(), act=act
+                )
                 mean, var, inv_std = (torch.from_numpy(a) for a in (mean, var, inv_std))
                 if running_mean is not None:
-                    engine.update_running(running_mean, running_var, nbt, mean, var,
-                                          count_per_channel(x), momentum)
+                    engine.update_running(
+                        running_mean, running_var, nbt, mean, var, count_per_channel(x), momentum
+                    )
             else:
                 mean, inv_std = _given_stats(running_mean, running_var, eps)
-                _numba().inference(xv, mean.numpy(), inv_std.numpy(), w, b, axis, out=yv,
-                                   threads=_threads(), act=act)
+                _numba().inference(
+                    xv,
+                    mean.numpy(),
+                    inv_std.numpy(),
+                    w,
+                    b,
+                    axis,
+                    out=yv,
+                    threads=_threads(),
+                    act=act,
+                )
         _setup(ctx, x, weight, bias, mean, inv_std, eps)
         return y
 
@@ -581,13 +720,21 @@ class ActFunction(torch.autograd.Function):
         def backward(dy, x, mean, inv_std, weight, batch_stats):
             _, _, bias, _, _ = ctx.saved_tensors
             if ctx.engine == "triton":
-                return _triton().backward(dy, x, mean, inv_std, weight, batch_stats, bias,
-                                          ctx.act)
+                return _triton().backward(dy, x, mean, inv_std, weight, batch_stats, bias, ctx.act)
             xv, dyv, axis, dx, dxv = _grad_views(dy, x)
-            _, dgamma, dbeta = _numba().backward(dyv, xv, _own(mean), _own(inv_std),
-                                                 _vec(weight), axis, batch_stats, out=dxv,
-                                                 threads=_threads(), beta=_vec(bias),
-                                                 act=ctx.act)
+            _, dgamma, dbeta = _numba().backward(
+                dyv,
+                xv,
+                _own(mean),
+                _own(inv_std),
+                _vec(weight),
+                axis,
+                batch_stats,
+                out=dxv,
+                threads=_threads(),
+                beta=_vec(bias),
+                act=ctx.act,
+            )
             return dx, torch.from_numpy(dgamma), torch.from_numpy(dbeta)
 
         return (*_grads(ctx, dy, ctx.training, backward, ctx.act),) + (None,) * 8
@@ -602,13 +749,14 @@ def unpack_mask(bits: Tensor, x: Tensor) -> Tensor:
     """The 1-bit mask of BN + add + ReLU (bit i of byte i // 8: element i of x's memory) as
     a bool tensor like x (for the differentiable backward)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    flat = ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[:x.numel()].bool()
+    flat = ((bits.unsqueeze(1) >> shifts) & 1).reshape(-1)[: x.numel()].bool()
     fmt = memory_format(x)
     if fmt == torch.contiguous_format:
         return flat.reshape(x.shape)
     # channels-last memory is (N, *spatial, C) in C order
     return flat.reshape(x.shape[0], *x.shape[2:], x.shape[1]).permute(
-        0, x.dim() - 1, *range(1, x.dim() - 1))
+        0, x.dim() - 1, *range(1, x.dim() - 1)
+    )
 
 
 class AddActFunction(torch.autograd.Function):
@@ -621,15 +769,40 @@ class AddActFunction(torch.autograd.Function):
     shape and dtype."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, running_mean, running_var, nbt, eps, momentum,
-                training, act, engine_name="numba"):
+    def forward(
+        ctx,
+        x,
+        residual,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        nbt,
+        eps,
+        momentum,
+        training,
+        act,
+        engine_name="numba",
+    ):
         ctx.training, ctx.act, ctx.engine = training, act, engine_name
         if engine_name == "triton":
-            stats = (None, None, running_mean, running_var) if training else \
-                (running_mean, running_var, None, None)
+            stats = (
+                (None, None, running_mean, running_var)
+                if training
+                else (running_mean, running_var, None, None)
+            )
             y, mean, inv_std, bits = _triton().add_act_forward(
-                x, residual, weight, bias, eps, training, *stats, nbt,
-                engine.momentum_of(momentum, nbt), act)
+                x,
+                residual,
+                weight,
+                bias,
+                eps,
+                training,
+                *stats,
+                nbt,
+                engine.momentum_of(momentum, nbt),
+                act,
+            )
         else:
             nb = _numba()
             fmt = memory_format(x)
@@ -641,15 +814,27 @@ class AddActFunction(torch.autograd.Function):
                 mean, var = torch.from_numpy(mean_np), torch.from_numpy(var_np)
                 inv_std = torch.from_numpy(F.inv_std_of(var_np, eps, np.float64))
                 if running_mean is not None:
-                    engine.update_running(running_mean, running_var, nbt, mean, var,
-                                          count_per_channel(x), momentum)
+                    engine.update_running(
+                        running_mean, running_var, nbt, mean, var, count_per_channel(x), momentum
+                    )
             else:
                 mean, inv_std = _given_stats(running_mean, running_var, eps)
-            bits = torch.empty((x.numel() + 7) // 8 if act == "relu" else 0,
-                               dtype=torch.uint8)  # 1 bit per element
-            nb.add_act_forward(xv, mean.numpy(), inv_std.numpy(), _vec(weight), _vec(bias),
-                               rv_, axis, out=yv, bits=bits.numpy(), threads=_threads(),
-                               act=act)
+            bits = torch.empty(
+                (x.numel() + 7) // 8 if act == "relu" else 0, dtype=torch.uint8
+            )  # 1 bit per element
+            nb.add_act_forward(
+                xv,
+                mean.numpy(),
+                inv_std.numpy(),
+                _vec(weight),
+                _vec(bias),
+                rv_,
+                axis,
+                out=yv,
+                bits=bits.numpy(),
+                threads=_threads(),
+                act=act,
+            )
             if act != "relu":
                 bits = None
         _setup(ctx, x, weight, bias, mean, inv_std, eps)
@@ -666,22 +851,36 @@ class AddActFunction(torch.autograd.Function):
         bits = ctx.bits
         if graph_wanted(dy):  # differentiable: the mask is a constant of the gradient
             g = dy if bits is None else torch.where(unpack_mask(bits, x), dy, dy.new_zeros(()))
-            dx, dgamma, dbeta = reference.grads(g, x, weight, bias, ctx.eps, ctx.training,
-                                                mean, inv_std)
+            dx, dgamma, dbeta = reference.grads(
+                g, x, weight, bias, ctx.eps, ctx.training, mean, inv_std
+            )
             dr = g
         elif bits is None:  # identity: the residual's gradient is dy itself
-            dx, dgamma, dbeta = ENGINES[ctx.engine].backward(dy, x, mean, inv_std, weight,
-                                                             ctx.training)
+            dx, dgamma, dbeta = ENGINES[ctx.engine].backward(
+                dy, x, mean, inv_std, weight, ctx.training
+            )
             dr = dy
         elif ctx.engine == "triton":
-            dx, dr, dgamma, dbeta = _triton().backward(dy, x, mean, inv_std, weight,
-                                                       ctx.training, bits=bits)
+            dx, dr, dgamma, dbeta = _triton().backward(
+                dy, x, mean, inv_std, weight, ctx.training, bits=bits
+            )
         else:
             xv, dyv, axis, dx, dxv = _grad_views(dy, x)
             dr, drv = _output(x, memory_format(x))
             _, _, dg, db = _numba().add_act_backward(
-                dyv, xv, bits.numpy(), _own(mean), _own(inv_std), _vec(weight), axis,
-                ctx.training, out=dxv, out_residual=drv, threads=_threads(), act="relu")
+                dyv,
+                xv,
+                bits.numpy(),
+                _own(mean),
+                _own(inv_std),
+                _vec(weight),
+                axis,
+                ctx.training,
+                out=dxv,
+                out_residual=drv,
+                threads=_threads(),
+                act="relu",
+            )
             dgamma, dbeta = torch.from_numpy(dg), torch.from_numpy(db)
         dweight = None if ctx.weight_dtype is None else dgamma.to(ctx.weight_dtype)
         dbias = None if ctx.bias_dtype is None else dbeta.to(ctx.bias_dtype)

@@ -9,16 +9,20 @@ without ``num_batches_tracked`` too), input checks, train/eval, ``track_running_
 (a NaN/inf batch leaves the running statistics and ``num_batches_tracked`` unchanged).
 """
 
-
-from typing import Optional
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import engine
 from . import functional as F
 
+if TYPE_CHECKING:  # the torch class a mixin is placed before, for the type checker
+    from torch.nn.modules.batchnorm import _BatchNorm as _Host
+else:
+    _Host = object
 
-class _BatchNorm:
+
+class _BatchNorm(_Host):
     """Mixin placed before the torch class: bookkeeping as torch's ``_BatchNorm.forward``
     (which statistics, when to update, the momentum), the engine chosen by
     :func:`bnlab.torch.engine.select`.
@@ -42,10 +46,15 @@ class _BatchNorm:
         momentum = self.momentum
         if momentum is None and nbt is None:
             momentum = 0.0  # torch's value when there is no count to average over
-        return (bn_training, self.running_mean if passed else None,
-                self.running_var if passed else None, nbt, momentum)
+        return (
+            bn_training,
+            self.running_mean if passed else None,
+            self.running_var if passed else None,
+            nbt,
+            momentum,
+        )
 
-    def forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``mask``: as :meth:`bnlab.nn.BatchNorm2d.forward`'s (statistics and the
         running-statistics update only over True positions, a bool tensor of input's shape
         without dimension 1; ignored in evaluation)."""
@@ -53,7 +62,7 @@ class _BatchNorm:
             return self._scripted(input, mask)
         return self._forward(input, mask)
 
-    def _scripted(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _scripted(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Under ``torch.jit.script``, which cannot call bnlab's kernels: the native engine
         (torch's kernel) with bnlab's checks and guard, in TorchScript (the form of
         :func:`bnlab.torch.functional.guarded_native` that TorchScript compiles)."""
@@ -63,13 +72,19 @@ class _BatchNorm:
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         running_mean, running_var = self.running_mean, self.running_var
         nbt = self.num_batches_tracked
-        if self.training and self.track_running_stats and running_mean is not None \
-                and running_var is not None and nbt is not None:
+        if (
+            self.training
+            and self.track_running_stats
+            and running_mean is not None
+            and running_var is not None
+            and nbt is not None
+        ):
             momentum = self.momentum
             w = 1.0 / (float(nbt) + 1.0) if momentum is None else momentum
             new_mean, new_var = running_mean.clone(), running_var.clone()
-            y = torch.nn.functional.batch_norm(input, new_mean, new_var, self.weight,
-                                               self.bias, True, w, self.eps)
+            y = torch.nn.functional.batch_norm(
+                input, new_mean, new_var, self.weight, self.bias, True, w, self.eps
+            )
             if bool(torch.isfinite(new_mean).all()) and bool(torch.isfinite(new_var).all()):
                 running_mean.copy_(new_mean)
                 running_var.copy_(new_var)
@@ -77,24 +92,49 @@ class _BatchNorm:
             return self._scripted_act(y)
         if self.training and not self.track_running_stats:
             running_mean, running_var = None, None
-        return self._scripted_act(torch.nn.functional.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, bn_training, 0.0,
-            self.eps))
+        return self._scripted_act(
+            torch.nn.functional.batch_norm(
+                input,
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                bn_training,
+                0.0,
+                self.eps,
+            )
+        )
 
     def _scripted_act(self, y: torch.Tensor) -> torch.Tensor:
         return y  # BatchNormAct2d: its activation
 
-    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
         bn_training, running_mean, running_var, nbt, momentum = self._bn_args()
         engine.check_eps(self.eps, bn_training)
         if mask is not None:
             mask = _check_mask(mask, input) if bn_training else None
-        name = engine.select(self.backend, input,
-                             (running_mean, running_var, self.weight, self.bias), mask=mask,
-                             update=nbt is not None, training=bn_training)
-        return F.run(name, input, running_mean, running_var, self.weight, self.bias,
-                     bn_training, momentum, self.eps, nbt, mask)
+        name = engine.select(
+            self.backend,
+            input,
+            (running_mean, running_var, self.weight, self.bias),
+            mask=mask,
+            update=nbt is not None,
+            training=bn_training,
+        )
+        return F.run(
+            name,
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            bn_training,
+            momentum,
+            self.eps,
+            nbt,
+            mask,
+        )
 
 
 def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -102,11 +142,11 @@ def _check_mask(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     without dimension 1, boolean, a True entry somewhere), on x's device."""
     want = (x.shape[0], *x.shape[2:])
     if tuple(mask.shape) != want:
-        raise ValueError(f"mask must have x's shape without the channel axis {want}, got "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must have x's shape without the channel axis {want}, got {tuple(mask.shape)}"
+        )
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must be boolean (True: counts in the statistics), got "
-                        f"{mask.dtype}")
+        raise TypeError(f"mask must be boolean (True: counts in the statistics), got {mask.dtype}")
     mask = mask.to(x.device)
     if not engine.transformed() and not bool(mask.any()):
         raise ValueError("mask has no True entry: there is nothing to take statistics over")
@@ -119,14 +159,19 @@ def no_mask(module, mask) -> None:
         raise TypeError(f"{type(module).__name__} does not take mask=")
 
 
-class PythonOnly:
+if TYPE_CHECKING:  # the variants' mixins sit before _BatchNorm
+    _Variant = _BatchNorm
+else:
+    _Variant = object
+
+
+class PythonOnly(_Variant):
     """Mixin for modules whose training step has no TorchScript form (ghost batches, batch
     renormalization, SyncBatchNorm's collectives): under ``torch.jit.script`` they raise
     rather than run plain BN in its place."""
 
-    def _scripted(self, input: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        raise RuntimeError("this bnlab BN variant runs in Python only, not under "
-                           "torch.jit.script")
+    def _scripted(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        raise RuntimeError("this bnlab BN variant runs in Python only, not under torch.jit.script")
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

@@ -45,23 +45,28 @@ class Case(NamedTuple):
     @property
     def name(self) -> str:
         dims = "x".join(map(str, self.shape))
-        return (f"{dims} {self.dtype} {self.fmt}" + (f" +{self.offset:g}" if self.offset else "")
-                + ("" if self.affine else " no-affine"))
+        return (
+            f"{dims} {self.dtype} {self.fmt}"
+            + (f" +{self.offset:g}" if self.offset else "")
+            + ("" if self.affine else " no-affine")
+        )
 
 
 def _cases():
     cases = []
-    layouts = [((13, 3), "contiguous"),                  # (N, C): an (M, C) matrix
-               ((5, 4, 37), "contiguous"),               # (N, C, L)
-               ((6, 3, 5, 7), "contiguous"),             # NCHW, odd sizes
-               ((6, 3, 5, 7), "channels_last"),
-               ((3, 2, 3, 4, 5), "contiguous"),          # NCDHW
-               ((3, 2, 3, 4, 5), "channels_last_3d"),
-               ((9, 1, 4, 5), "contiguous"),             # C = 1
-               ((9, 1, 4, 5), "channels_last"),
-               ((3, 2, 25, 27), "contiguous"),           # several tiles along L
-               ((20, 130), "contiguous"),                # several channel blocks
-               ((4, 130, 3, 3), "channels_last")]
+    layouts = [
+        ((13, 3), "contiguous"),  # (N, C): an (M, C) matrix
+        ((5, 4, 37), "contiguous"),  # (N, C, L)
+        ((6, 3, 5, 7), "contiguous"),  # NCHW, odd sizes
+        ((6, 3, 5, 7), "channels_last"),
+        ((3, 2, 3, 4, 5), "contiguous"),  # NCDHW
+        ((3, 2, 3, 4, 5), "channels_last_3d"),
+        ((9, 1, 4, 5), "contiguous"),  # C = 1
+        ((9, 1, 4, 5), "channels_last"),
+        ((3, 2, 25, 27), "contiguous"),  # several tiles along L
+        ((20, 130), "contiguous"),  # several channel blocks
+        ((4, 130, 3, 3), "channels_last"),
+    ]
     for dtype in ("float32", "float16", "bfloat16"):
         for shape, fmt in layouts:
             cases.append(Case(shape, fmt, dtype))
@@ -71,9 +76,13 @@ def _cases():
     cases.append(Case((6, 3, 5, 7), "contiguous", "float32", affine=False))
     cases.append(Case((6, 3, 5, 7), "channels_last", "float16", affine=False))
     # the GPU bench's shapes (too large for the interpreter)
-    for dtype, fmt in [("float32", "contiguous"), ("float32", "channels_last"),
-                       ("float16", "contiguous"), ("float16", "channels_last"),
-                       ("bfloat16", "channels_last")]:
+    for dtype, fmt in [
+        ("float32", "contiguous"),
+        ("float32", "channels_last"),
+        ("float16", "contiguous"),
+        ("float16", "channels_last"),
+        ("bfloat16", "channels_last"),
+    ]:
         cases.append(Case((256, 64, 56, 56), fmt, dtype, small=False))
     cases.append(Case((8192, 4096), small=False))
     cases.append(Case((64, 64, 32, 32), small=False))
@@ -82,8 +91,11 @@ def _cases():
 
 
 CASES = _cases()
-FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
-           "channels_last_3d": torch.channels_last_3d}
+FORMATS = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "channels_last_3d": torch.channels_last_3d,
+}
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -117,8 +129,9 @@ def inputs(case: Case, device, seed: int = 0):
     return x, dy, weight, bias, running_mean, running_var
 
 
-def run_case(case: Case, device="cpu", backend: str = "triton", momentum: float = 0.1,
-             eps: float = 1e-5) -> dict:
+def run_case(
+    case: Case, device="cpu", backend: str = "triton", momentum: float = 0.1, eps: float = 1e-5
+) -> dict:
     """Errors of one case (train step and eval step) and whether each is within tolerance.
 
     Returns a dict: ``errors`` {name: relative error}, ``tolerances`` {name: tolerance},
@@ -149,24 +162,28 @@ def run_case(case: Case, device="cpu", backend: str = "triton", momentum: float 
     for _ in range(2):
         xx, w, b = grads(x, weight, bias)
         rm1, rv1 = rm.clone(), rv.clone()
-        y = batch_norm(xx, rm1, rv1, w, b, training=True, momentum=momentum, eps=eps,
-                       backend=backend)
+        y = batch_norm(
+            xx, rm1, rv1, w, b, training=True, momentum=momentum, eps=eps, backend=backend
+        )
         y.backward(dy)
         results.append((y, xx.grad, rm1, rv1, w, b))
     (y, dx, rm1, rv1, w, b), again = results
-    deterministic = all(torch.equal(p, q) for p, q in zip(
-        (y, dx, rm1, rv1), again[:4])) and (w is None or (
-            torch.equal(w.grad, again[4].grad) and torch.equal(b.grad, again[5].grad)))
+    deterministic = all(torch.equal(p, q) for p, q in zip((y, dx, rm1, rv1), again[:4])) and (
+        w is None or (torch.equal(w.grad, again[4].grad) and torch.equal(b.grad, again[5].grad))
+    )
     y_ref, cache = F.batch_norm_forward(xr, ref_w, ref_b, eps, axis=1, backend="numpy")
     dx_ref, dgamma_ref, dbeta_ref = F.batch_norm_backward(dyr, cache, backend="numpy")
     rm_ref, rv_ref = _np(rm), _np(rv)
     F.update_running_stats(rm_ref, rv_ref, cache.mean, cache.var, m, momentum)
     errors["train y"], tol["train y"] = _rel(y, y_ref), out_tol
     errors["train dx"], tol["train dx"] = _rel(dx, dx_ref), out_tol
-    x_hat = (xr - cache.mean.reshape(cache.mean.shape + (1,) * (x.dim() - 2))) * \
-        cache.inv_std.reshape(cache.inv_std.shape + (1,) * (x.dim() - 2))
+    x_hat = (
+        xr - cache.mean.reshape(cache.mean.shape + (1,) * (x.dim() - 2))
+    ) * cache.inv_std.reshape(cache.inv_std.shape + (1,) * (x.dim() - 2))
     if w is not None:
-        errors["train dgamma"] = _rel(w.grad, dgamma_ref, np.abs(dyr * x_hat).sum(reduce_axes).max())
+        errors["train dgamma"] = _rel(
+            w.grad, dgamma_ref, np.abs(dyr * x_hat).sum(reduce_axes).max()
+        )
         errors["train dbeta"] = _rel(b.grad, dbeta_ref, np.abs(dyr).sum(reduce_axes).max())
         tol["train dgamma"] = tol["train dbeta"] = sum_tol
     errors["running_mean"], tol["running_mean"] = _rel(rm1, rm_ref), sum_tol
@@ -184,19 +201,29 @@ def run_case(case: Case, device="cpu", backend: str = "triton", momentum: float 
     xx, w, b = grads(x, weight, bias)
     y = batch_norm(xx, rm, rv, w, b, training=False, eps=eps, backend=backend)
     y.backward(dy)
-    y_ref, cache = F.batch_norm_inference(xr, _np(rm), _np(rv), ref_w, ref_b, eps, axis=1,
-                                          backend="numpy")
+    y_ref, cache = F.batch_norm_inference(
+        xr, _np(rm), _np(rv), ref_w, ref_b, eps, axis=1, backend="numpy"
+    )
     dx_ref, dgamma_ref, dbeta_ref = F.batch_norm_backward(dyr, cache, backend="numpy")
     errors["eval y"], tol["eval y"] = _rel(y, y_ref), out_tol
     errors["eval dx"], tol["eval dx"] = _rel(xx.grad, dx_ref), out_tol
     if w is not None:
         x_hat = (xr - _np(rm).reshape(-1, *(1,) * (x.dim() - 2))) / np.sqrt(
-            _np(rv).reshape(-1, *(1,) * (x.dim() - 2)) + eps)
-        errors["eval dgamma"] = _rel(w.grad, dgamma_ref, np.abs(dyr * x_hat).sum(reduce_axes).max())
+            _np(rv).reshape(-1, *(1,) * (x.dim() - 2)) + eps
+        )
+        errors["eval dgamma"] = _rel(
+            w.grad, dgamma_ref, np.abs(dyr * x_hat).sum(reduce_axes).max()
+        )
         errors["eval dbeta"] = _rel(b.grad, dbeta_ref, np.abs(dyr).sum(reduce_axes).max())
         tol["eval dgamma"] = tol["eval dbeta"] = sum_tol
     ok = all(errors[k] <= tol[k] for k in errors) and torch_stats <= sum_tol + torch_error
-    return dict(case=case.name, errors=errors, tolerances=tol, ok=bool(ok and deterministic),
-                deterministic=bool(deterministic), torch_running_stats=torch_stats,
-                torch_running_stats_error=torch_error,
-                memory_format_kept=bool(y.stride() == x.stride()))
+    return dict(
+        case=case.name,
+        errors=errors,
+        tolerances=tol,
+        ok=bool(ok and deterministic),
+        deterministic=bool(deterministic),
+        torch_running_stats=torch_stats,
+        torch_running_stats_error=torch_error,
+        memory_format_kept=bool(y.stride() == x.stride()),
+    )

@@ -13,14 +13,18 @@ import torch
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm
 
-_TO_BNLAB = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
-             torch.nn.BatchNorm3d: BatchNorm3d, torch.nn.SyncBatchNorm: SyncBatchNorm}
+_TO_BNLAB: dict[type, type] = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.SyncBatchNorm: SyncBatchNorm,
+}
 _TO_TORCH = {v: k for k, v in _TO_BNLAB.items()}
 # sync=True: every BN layer, torch's or bnlab's, becomes bnlab's SyncBatchNorm
 _TO_SYNC = {cls: SyncBatchNorm for cls in (*_TO_BNLAB, BatchNorm1d, BatchNorm2d, BatchNorm3d)}
 
 
-def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+def _retyped(module: torch.nn.Module, cls: type[torch.nn.Module]) -> torch.nn.Module:
     """A new ``cls`` instance holding ``module``'s state: its tensors, not copies of them."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
@@ -33,7 +37,8 @@ def _retyped(module: torch.nn.Module, cls: type) -> torch.nn.Module:
 def _swap(module: torch.nn.Module, table: dict, process_group=None) -> torch.nn.Module:
     out = _retyped(module, table[type(module)]) if type(module) in table else module
     if isinstance(out, (SyncBatchNorm, torch.nn.SyncBatchNorm)) and (
-            process_group is not None or "process_group" not in out.__dict__):
+        process_group is not None or "process_group" not in out.__dict__
+    ):
         out.process_group = process_group
     for name, child in list(out.named_children()):
         new = _swap(child, table, process_group)

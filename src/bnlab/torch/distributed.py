@@ -47,17 +47,29 @@ def backend_for(device: str) -> str:
     return "nccl" if device == "cuda" else "gloo"
 
 
-def init(rank: int, world_size: int, addr: str, port: int, backend: str = "gloo",
-         timeout: float = DEFAULT_TIMEOUT) -> None:
+def init(
+    rank: int,
+    world_size: int,
+    addr: str,
+    port: int,
+    backend: str = "gloo",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
     """Join the process group of ``world_size`` processes rendezvousing at addr:port."""
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout),
+    )
 
 
 def init_from_env(backend: str = "gloo", timeout: float = DEFAULT_TIMEOUT) -> tuple[int, int]:
     """Join the process group described by torchrun's variables; returns (rank, world size)."""
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-               if k not in os.environ]
+    missing = [
+        k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ
+    ]
     if missing:
         raise RuntimeError(f"not started by torchrun: {', '.join(missing)} not set")
     dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout))
@@ -99,9 +111,16 @@ def _worker_environment(threads: int | None):
                 os.environ[k] = v
 
 
-def launch(fn, nproc: int, args=(), backend: str = "gloo", timeout: float = DEFAULT_TIMEOUT,
-           deadline: float | None = None, threads: int | None = None,
-           addr: str = "127.0.0.1") -> None:
+def launch(
+    fn,
+    nproc: int,
+    args=(),
+    backend: str = "gloo",
+    timeout: float = DEFAULT_TIMEOUT,
+    deadline: float | None = None,
+    threads: int | None = None,
+    addr: str = "127.0.0.1",
+) -> None:
     """Run ``fn(rank, nproc, *args)`` in ``nproc`` spawned processes in one process group.
 
     ``fn`` must be importable by name (a module-level function). ``timeout``: the process
@@ -116,22 +135,31 @@ def launch(fn, nproc: int, args=(), backend: str = "gloo", timeout: float = DEFA
         raise ValueError(f"nproc must be at least 1, got {nproc}")
     port = free_port(addr)
     with _worker_environment(threads):
-        context = mp.start_processes(_entry, args=(fn, nproc, addr, port, backend, timeout,
-                                                   threads, args),
-                                     nprocs=nproc, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _entry,
+            args=(fn, nproc, addr, port, backend, timeout, threads, args),
+            nprocs=nproc,
+            join=False,
+            start_method="spawn",
+        )
     start = time.monotonic()
     try:
         while not context.join(timeout=0.5):
             if deadline is not None and time.monotonic() - start > deadline:
                 raise TimeoutError(f"the {nproc} workers did not finish within {deadline:g} s")
     except mp.ProcessRaisedException as e:
-        raise WorkerFailed(e.error_index, f"worker rank {e.error_index} failed:\n"
-                                          f"{_last_lines(str(e))}") from None
+        raise WorkerFailed(
+            e.error_index, f"worker rank {e.error_index} failed:\n{_last_lines(str(e))}"
+        ) from None
     except mp.ProcessExitedException as e:
-        how = (f"was killed by signal {e.signal_name}" if e.signal_name
-               else f"exited with code {e.exit_code}")
-        raise WorkerFailed(e.error_index, f"worker rank {e.error_index} {how}; the other "
-                                          f"workers were stopped") from None
+        how = (
+            f"was killed by signal {e.signal_name}"
+            if e.signal_name
+            else f"exited with code {e.exit_code}"
+        )
+        raise WorkerFailed(
+            e.error_index, f"worker rank {e.error_index} {how}; the other workers were stopped"
+        ) from None
     finally:
         for p in context.processes:  # Ctrl-C, a deadline, a failure: nobody left behind
             if p.is_alive():

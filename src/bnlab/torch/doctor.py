@@ -29,9 +29,13 @@ def biases_before(model: torch.nn.Module) -> dict:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _TorchBatchNorm):
             continue
         src = node.args[0] if node.args else None
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), _WEIGHTED)
-                and modules[src.target].bias is not None and len(src.users) == 1):
+        if (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules.get(src.target), _WEIGHTED)
+            and modules[src.target].bias is not None
+            and len(src.users) == 1
+        ):
             found[node.target] = src.target
     return found
 
@@ -45,12 +49,21 @@ def describe(model: torch.nn.Module) -> list[D.Layer]:
             continue
         nbt = m.num_batches_tracked
         params = [p for p in (m.weight, m.bias) if p is not None]
-        layers.append(D.Layer(
-            name=name, num_features=m.num_features, momentum=m.momentum, training=m.training,
-            weight=_np(m.weight), bias=_np(m.bias), running_mean=_np(m.running_mean),
-            running_var=_np(m.running_var), num_batches_tracked=None if nbt is None else int(nbt),
-            params_trainable=any(p.requires_grad for p in params) or not params,
-            bias_before=before.get(name)))
+        layers.append(
+            D.Layer(
+                name=name,
+                num_features=m.num_features,
+                momentum=m.momentum,
+                training=m.training,
+                weight=_np(m.weight),
+                bias=_np(m.bias),
+                running_mean=_np(m.running_mean),
+                running_var=_np(m.running_var),
+                num_batches_tracked=None if nbt is None else int(nbt),
+                params_trainable=any(p.requires_grad for p in params) or not params,
+                bias_before=before.get(name),
+            )
+        )
     return layers
 
 
@@ -71,21 +84,30 @@ def dynamic_findings(model: torch.nn.Module, batches, targets=None) -> list[D.Fi
     batches = [torch.as_tensor(b) for b in batches]
     if not batches:
         raise ValueError("batches is empty: the dynamic checks need at least one batch")
-    seen = {}
+    seen: dict[str, list] = {}
     probe = copy.deepcopy(model).train()
 
     def hook(name):
         def record(module, inputs, output):
             x = inputs[0]
             seen[name] = min(seen.get(name, x.numel()), x.numel() // max(x.shape[1], 1))
+
         return record
 
     for n, m in probe.named_modules():
         if isinstance(m, _TorchBatchNorm):
             m.register_forward_hook(hook(n))
-    return D.probe_batches(model, probe, batches, targets, seen,
-                           is_bn=lambda m: isinstance(m, _TorchBatchNorm), run=_outputs,
-                           recalibrate=recalibrate, array=_np)
+    return D.probe_batches(
+        model,
+        probe,
+        batches,
+        targets,
+        seen,
+        is_bn=lambda m: isinstance(m, _TorchBatchNorm),
+        run=_outputs,
+        recalibrate=recalibrate,
+        array=_np,
+    )
 
 
 def doctor(model: torch.nn.Module, batches=None, targets=None) -> list[D.Finding]:

@@ -60,30 +60,71 @@ class Rule:
 
 
 RULES = (
-    Rule("triton", ("cuda",), (torch.float32, *_HALF), "x or float32", "triton", False, False,
-         "statistics in float32 by Welford/Chan merges", measured=True),
-    Rule("numba", ("cpu",), (torch.float32, torch.float64), "x", "numba", False, False,
-         "statistics accumulated in float64"),
-    Rule("reference", ("cpu", "cuda"), _FLOAT, "any", None, True, True,
-         "two-pass statistics in float64 (float64 input) or float32"),
-    Rule("native", ("cpu", "cuda"), _FLOAT, "any", None, True, False,
-         "torch's kernel; bnlab's NaN guard and checks around it"),
+    Rule(
+        "triton",
+        ("cuda",),
+        (torch.float32, *_HALF),
+        "x or float32",
+        "triton",
+        False,
+        False,
+        "statistics in float32 by Welford/Chan merges",
+        measured=True,
+    ),
+    Rule(
+        "numba",
+        ("cpu",),
+        (torch.float32, torch.float64),
+        "x",
+        "numba",
+        False,
+        False,
+        "statistics accumulated in float64",
+    ),
+    Rule(
+        "reference",
+        ("cpu", "cuda"),
+        _FLOAT,
+        "any",
+        None,
+        True,
+        True,
+        "two-pass statistics in float64 (float64 input) or float32",
+    ),
+    Rule(
+        "native",
+        ("cpu", "cuda"),
+        _FLOAT,
+        "any",
+        None,
+        True,
+        False,
+        "torch's kernel; bnlab's NaN guard and checks around it",
+    ),
 )
 RULE = {r.engine: r for r in RULES}
 
 
 def table() -> str:
     """The rules as a Markdown table (docs/performance.md shows it)."""
-    rows = ["| engine | auto picks it for | dtypes | parameters | masks | torch.func | "
-            "statistics |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    name = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-            torch.bfloat16: "bfloat16"}
+    rows = [
+        "| engine | auto picks it for | dtypes | parameters | masks | torch.func | statistics |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    name = {
+        torch.float32: "float32",
+        torch.float64: "float64",
+        torch.float16: "float16",
+        torch.bfloat16: "bfloat16",
+    }
     for r in RULES:
         where = " where measured faster than torch's kernel" if r.measured else ""
-        rows.append(f"| `{r.engine}` | {' and '.join(r.devices)} tensors{where} | "
-                    f"{', '.join(name[d] for d in r.dtypes)} | {r.param_dtypes} | "
-                    f"{'yes' if r.mask else 'no'} | {'yes' if r.transforms else 'no'} | "
-                    f"{r.note} |")
+        rows.append(
+            f"| `{r.engine}` | {' and '.join(r.devices)} tensors{where} | "
+            f"{', '.join(name[d] for d in r.dtypes)} | {r.param_dtypes} | "
+            f"{'yes' if r.mask else 'no'} | {'yes' if r.transforms else 'no'} | "
+            f"{r.note} |"
+        )
     return "\n".join(rows)
 
 
@@ -126,7 +167,8 @@ def verify_batch_size(x: torch.Tensor) -> None:
         m *= n
     if m == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {size}")
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
 
 
 def transformed() -> bool:
@@ -142,12 +184,16 @@ def _on(rule: Rule, x: torch.Tensor, forced: bool) -> bool:
     """x is on a device of the rule's (forced Triton: also CPU tensors in its interpreter)."""
     if x.device.type in rule.devices:
         return True
-    return forced and rule.engine == "triton" and x.device.type == "cpu" and \
-        kernels.triton_interpreted()
+    return (
+        forced
+        and rule.engine == "triton"
+        and x.device.type == "cpu"
+        and kernels.triton_interpreted()
+    )
 
 
 def _names(dtypes) -> str:
-    """"float32, float16 or bfloat16"."""
+    """ "float32, float16 or bfloat16"."""
     names = [str(d).removeprefix("torch.") for d in dict.fromkeys(dtypes)]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
@@ -155,8 +201,11 @@ def _names(dtypes) -> str:
 def _refusal(rule: Rule, x: torch.Tensor, params, forced: bool) -> str | None:
     """Why ``rule``'s engine does not take this call (None: it does)."""
     if not _on(rule, x, forced):
-        where = "CUDA tensors (CPU ones with TRITON_INTERPRET=1)" if rule.engine == "triton" \
+        where = (
+            "CUDA tensors (CPU ones with TRITON_INTERPRET=1)"
+            if rule.engine == "triton"
             else f"{' and '.join(rule.devices)} tensors"
+        )
         return f"runs on {where}, got a tensor on {x.device}"
     if x.dtype not in rule.dtypes:
         return f"takes {_names(rule.dtypes)} input, got {_names([x.dtype])}"
@@ -168,9 +217,11 @@ def _refusal(rule: Rule, x: torch.Tensor, params, forced: bool) -> str | None:
         if t is None:
             continue
         if t.shape != (C,) or t.dtype not in dtypes or t.device != x.device:
-            return (f"takes {name} as a ({C},) {_names(dtypes)} tensor on {x.device} for "
-                    f"input of {C} channels, got {tuple(t.shape)} {_names([t.dtype])} on "
-                    f"{t.device}")
+            return (
+                f"takes {name} as a ({C},) {_names(dtypes)} tensor on {x.device} for "
+                f"input of {C} channels, got {tuple(t.shape)} {_names([t.dtype])} on "
+                f"{t.device}"
+            )
     return None
 
 
@@ -187,8 +238,11 @@ def faster_on_cuda(training: bool, x: torch.Tensor) -> bool:
     mode = "train" if training else "infer"
     spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
     first = memory_format(x) == torch.contiguous_format and x.dim() >= 3 and spatial > 1
-    kind = (mode, "channels_first" if first else "channels_last",
-            str(x.dtype).removeprefix("torch."))
+    kind = (
+        mode,
+        "channels_first" if first else "channels_last",
+        str(x.dtype).removeprefix("torch."),
+    )
     rows = sorted((m, ratio < 1.0) for *k, m, ratio in MEASURED if tuple(k) == kind)
     n = x.numel()
     below = [win for m, win in rows if m <= n]
@@ -196,9 +250,16 @@ def faster_on_cuda(training: bool, x: torch.Tensor) -> bool:
     return bool(below) and below[-1] and (not above or above[0])
 
 
-def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
-           mask: torch.Tensor | None = None, update: bool = False,
-           training: bool = True, measured: bool = True) -> str:
+def select(
+    backend: str,
+    x: torch.Tensor,
+    params=(None, None, None, None),
+    *,
+    mask: torch.Tensor | None = None,
+    update: bool = False,
+    training: bool = True,
+    measured: bool = True,
+) -> str:
     """The engine for a call on ``x`` with ``params`` = (running_mean, running_var, weight,
     bias) as they are passed (None where not used); ``update``: the call updates running
     statistics; ``training``: batch statistics (for :func:`faster_on_cuda`); ``measured``:
@@ -215,11 +276,19 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "native" and x.dim() >= 2 and any(
-            t is not None and t.shape != x.shape[1:2] for t in params):
+    if (
+        backend != "native"
+        and x.dim() >= 2
+        and any(t is not None and t.shape != x.shape[1:2] for t in params)
+    ):
         _torch_rejects(x, params)  # torch's error for (C,) vectors of another size
-    special = ("mask=" if mask is not None else
-               "torch.func transforms or forward-mode AD" if transformed() else None)
+    special = (
+        "mask="
+        if mask is not None
+        else "torch.func transforms or forward-mode AD"
+        if transformed()
+        else None
+    )
     if backend == "auto":
         if special:
             return "native" if update and mask is None else "reference"
@@ -235,13 +304,17 @@ def select(backend: str, x: torch.Tensor, params=(None, None, None, None), *,
         return "native"
     rule = RULE[backend]
     if special and not (rule.mask if mask is not None else rule.transforms):
-        raise ValueError(f'backend="{backend}" cannot run {special}: its kernels are not '
-                         'torch operations; use backend="auto" or "reference"')
+        raise ValueError(
+            f'backend="{backend}" cannot run {special}: its kernels are not '
+            'torch operations; use backend="auto" or "reference"'
+        )
     if backend in ("reference", "native"):
         return backend
     if x.dim() < 2 or x.numel() == 0:
-        raise ValueError(f'backend="{backend}" takes (N, C, ...) input with at least one '
-                         f'element, got shape {tuple(x.shape)}')
+        raise ValueError(
+            f'backend="{backend}" takes (N, C, ...) input with at least one '
+            f"element, got shape {tuple(x.shape)}"
+        )
     why = _refusal(rule, x, params, True)
     if why is not None:
         _torch_rejects(x, params)  # torch's own error for what torch rejects too
@@ -276,8 +349,8 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     user's input, parameter (FSDP frees them with ``resize_(0)``), buffer or output would
     lose ``resize_``."""
     buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
-    buf.owner = t  # the array (whose base is buf) keeps the tensor's memory alive
-    return np.ndarray(t.shape, _NUMPY[t.dtype], buf)
+    buf.owner = t  # type: ignore[attr-defined]  # the array's base, buf, keeps t alive
+    return np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer
 
 
 # --- the running-statistics bookkeeping (every path) -----------------------------------------
@@ -294,8 +367,16 @@ def momentum_of(momentum: float | None, num_batches_tracked: torch.Tensor | None
     return 1.0 / (float(num_batches_tracked) + 1.0)
 
 
-def update_running(running_mean, running_var, num_batches_tracked, mean, var, count,
-                   momentum: float | None, extra=()) -> None:
+def update_running(
+    running_mean,
+    running_var,
+    num_batches_tracked,
+    mean,
+    var,
+    count,
+    momentum: float | None,
+    extra=(),
+) -> None:
     """In place, for every path and module: ``running = (1 - w) * running + w * batch``
     with w = :func:`momentum_of`, the batch's unbiased ``var * count / (count - 1)`` into
     ``running_var``, ``num_batches_tracked += 1``, and each ``(buffer, value, w)`` of
@@ -310,9 +391,15 @@ def update_running(running_mean, running_var, num_batches_tracked, mean, var, co
     if all(b is None or b.device.type == "cpu" for b in buffers):
         # decided on the host: NumPy on the small (C,) vectors, no torch op per step
         unbias = float(count) / (float(count) - 1.0)
-        terms = [(b, _host(v), ww, wv) for b, v, ww, wv in (
-            (running_mean, mean, w, w), (running_var, var, w, w * unbias),
-            *((b, v, ww, ww) for b, v, ww in extra)) if b is not None]
+        terms = [
+            (b, _host(v), ww, wv)
+            for b, v, ww, wv in (
+                (running_mean, mean, w, w),
+                (running_var, var, w, w * unbias),
+                *((b, v, ww, ww) for b, v, ww in extra),
+            )
+            if b is not None
+        ]
         if all(np.isfinite(v).all() for _, v, _, _ in terms):
             for b, v, ww, wv in terms:
                 if _plain(b):
@@ -328,9 +415,14 @@ def update_running(running_mean, running_var, num_batches_tracked, mean, var, co
         return
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
-        commit([(b, b * (1.0 - ww) + v.detach().to(b.device, b.dtype) * ww)
+        commit(
+            [
+                (b, b * (1.0 - ww) + v.detach().to(b.device, b.dtype) * ww)
                 for b, v, ww in ((running_mean, mean, w), (running_var, unbiased, w), *extra)
-                if b is not None], num_batches_tracked)
+                if b is not None
+            ],
+            num_batches_tracked,
+        )
 
 
 def _plain(b) -> bool:

@@ -29,9 +29,18 @@ from .engine import BACKENDS, verify_batch_size
 __all__ = ["BACKENDS", "batch_norm"]
 
 
-def kernel_batch_norm(x, running_mean, running_var, weight, bias, training: bool,
-                      momentum: float | None, eps: float, num_batches_tracked=None,
-                      name: str = "numba"):
+def kernel_batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked=None,
+    name: str = "numba",
+):
     """The kernels' path (the engine layer chose ``name``); semantics of :func:`batch_norm`.
 
     ``num_batches_tracked`` (a module's buffer) is incremented with each update; with it,
@@ -44,37 +53,67 @@ def kernel_batch_norm(x, running_mean, running_var, weight, bias, training: bool
         args = (x, running_mean, running_var, weight, bias, eps)
         if traced:
             return impl.ops.eval(*args)[0]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, weight, bias)):
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias)
+        ):
             return _ops.EvalFunction.apply(*args, impl)[0]
         return impl.eval(*args)[0]
     count = _ops.count_per_channel(x)
     if not traced:
-        return _ops.TrainFunction.apply(x, weight, bias, eps, running_mean, running_var,
-                                        num_batches_tracked, count, momentum, impl)[0]
+        return _ops.TrainFunction.apply(
+            x,
+            weight,
+            bias,
+            eps,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            count,
+            momentum,
+            impl,
+        )[0]
     y, mean, var, _ = impl.ops.train(x, weight, bias, eps)
     if running_mean is not None:
-        impl.ops.update(running_mean, running_var, num_batches_tracked, mean, var, count,
-                        momentum)
+        impl.ops.update(running_mean, running_var, num_batches_tracked, mean, var, count, momentum)
     return y
 
 
-def reference_batch_norm(x, running_mean, running_var, weight, bias, training: bool,
-                         momentum: float | None, eps: float, num_batches_tracked=None,
-                         mask=None):
+def reference_batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked=None,
+    mask=None,
+):
     """The reference engine: :func:`bnlab.torch.reference.forward` (autograd differentiates
     it), the running statistics updated from its statistics (with ``mask``, the unmasked
     count)."""
-    y, mean, var, count = reference.forward(x, weight, bias, eps, training, running_mean,
-                                            running_var, mask)
+    y, mean, var, count = reference.forward(
+        x, weight, bias, eps, training, running_mean, running_var, mask
+    )
     if training and running_mean is not None:
-        engine.update_running(running_mean, running_var, num_batches_tracked, mean, var,
-                              count, momentum)
+        engine.update_running(
+            running_mean, running_var, num_batches_tracked, mean, var, count, momentum
+        )
     return y
 
 
-def guarded_native(x, running_mean, running_var, weight, bias, training: bool,
-                   momentum: float | None, eps: float, num_batches_tracked=None):
+def guarded_native(
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked=None,
+):
     """torch's own ``batch_norm`` with bnlab's guard: in training, torch updates copies of
     the running statistics, which :func:`bnlab.torch.engine.commit` puts in place (and
     counts in ``num_batches_tracked``) only if they are finite. (Restoring the buffers
@@ -85,8 +124,9 @@ def guarded_native(x, running_mean, running_var, weight, bias, training: bool,
         # vmap the kernel's update of unbatched buffers: torch's own errors)
         num_batches_tracked.add_(1)
     if not training or (running_mean is None and running_var is None) or engine.transformed():
-        return torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias,
-                                              training, momentum, eps)
+        return torch.nn.functional.batch_norm(
+            x, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     new_mean = None if running_mean is None else running_mean.clone()
     new_var = None if running_var is None else running_var.clone()
     y = torch.nn.functional.batch_norm(x, new_mean, new_var, weight, bias, True, momentum, eps)
@@ -94,25 +134,74 @@ def guarded_native(x, running_mean, running_var, weight, bias, training: bool,
     return y
 
 
-def run(name: str, x, running_mean, running_var, weight, bias, training: bool,
-        momentum: float | None, eps: float, num_batches_tracked=None, mask=None):
+def run(
+    name: str,
+    x,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    num_batches_tracked=None,
+    mask=None,
+):
     """Run the call on engine ``name`` (:func:`bnlab.torch.engine.select`'s choice). In
     training, batch statistics (over ``mask``'s True positions if given) normalize x and
     update the running buffers if given; otherwise the running statistics normalize it."""
     if training:
         verify_batch_size(x)
     if name == "native":
-        return guarded_native(x, running_mean, running_var, weight, bias, training, momentum,
-                              eps, num_batches_tracked)
+        return guarded_native(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+        )
     if name == "reference":
-        return reference_batch_norm(x, running_mean, running_var, weight, bias, training,
-                                    momentum, eps, num_batches_tracked, mask)
-    return kernel_batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
-                             eps, num_batches_tracked, name)
+        return reference_batch_norm(
+            x,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            num_batches_tracked,
+            mask,
+        )
+    return kernel_batch_norm(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        name,
+    )
 
 
-def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, backend="auto"):
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    backend="auto",
+):
     """``torch.nn.functional.batch_norm`` with bnlab's kernels (module docstring: which path).
 
         y = (x - mean) / sqrt(var + eps) * weight + bias
@@ -143,8 +232,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     engine.check_eps(eps, training)
     if training and momentum is None and running_mean is not None:
-        raise TypeError("momentum=None (a cumulative average) needs a module's "
-                        "num_batches_tracked; pass a number to the functional form")
-    name = engine.select(backend, input, (running_mean, running_var, weight, bias),
-                         update=training and running_mean is not None, training=training)
+        raise TypeError(
+            "momentum=None (a cumulative average) needs a module's "
+            "num_batches_tracked; pass a number to the functional form"
+        )
+    name = engine.select(
+        backend,
+        input,
+        (running_mean, running_var, weight, bias),
+        update=training and running_mean is not None,
+        training=training,
+    )
     return run(name, input, running_mean, running_var, weight, bias, training, momentum, eps)

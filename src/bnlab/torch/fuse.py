@@ -39,8 +39,9 @@ class _Tracer(torch.fx.Tracer):
     which tracing must not see)."""
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        return (isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d))
-                or super().is_leaf_module(m, qualname))
+        return isinstance(
+            m, (torch.nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
+        ) or super().is_leaf_module(m, qualname)
 
 
 def _module(node: torch.fx.Node, modules: dict):
@@ -81,9 +82,8 @@ def _only_user(node: torch.fx.Node):
 
 def _replace(gm: torch.fx.GraphModule, target: str, cls: type) -> None:
     """The BN at ``target`` becomes a ``cls`` holding its tensors, under the same name."""
-    old = gm.get_submodule(target)
-    new = _retyped(old, cls)
-    new.act = "relu"
+    new = _retyped(gm.get_submodule(target), cls)
+    new.act = "relu"  # type: ignore[assignment]  # a plain attribute of the fused modules
     parent, _, name = target.rpartition(".")
     setattr(gm.get_submodule(parent) if parent else gm, name, new)
 
@@ -125,8 +125,12 @@ def fuse(model: torch.nn.Module) -> torch.fx.GraphModule:
             _replace(gm, node.target, BatchNormAct2d)
             continue
         other = _added(user, node)
-        if other is not None and other is user.args[0] and _is_bn(other, modules) \
-                and _only_user(other) is user:
+        if (
+            other is not None
+            and other is user.args[0]
+            and _is_bn(other, modules)
+            and _only_user(other) is user
+        ):
             continue  # bn_a(x) + bn_b(r): the first operand's BN takes the add (`out += r`)
         relu = _only_user(user) if other is not None else None
         if relu is None or not _is_relu(relu, modules):
@@ -154,5 +158,7 @@ def _same_order(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
         if mine is original:
             continue  # a shared leaf: its children are the model's own
         first = [k for k in original._modules if k in mine._modules]
-        mine._modules = {k: mine._modules[k] for k in first + [
-            k for k in mine._modules if k not in original._modules]}
+        mine._modules = {
+            k: mine._modules[k]
+            for k in first + [k for k in mine._modules if k not in original._modules]
+        }

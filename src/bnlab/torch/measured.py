@@ -14,18 +14,18 @@ SOURCE = "docs/bench-gpu.json"
 DEVICE = "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, cuDNN 91900, driver 580.159.04"
 
 MEASURED = (
-    ('train', 'channels_first', 'float32', 51380224, 0.348),  # 256x64x56x56 float32 NCHW
-    ('infer', 'channels_first', 'float32', 51380224, 0.879),  # 256x64x56x56 float32 NCHW
-    ('train', 'channels_last', 'float32', 51380224, 1.259),  # 256x64x56x56 float32 NHWC
-    ('infer', 'channels_last', 'float32', 51380224, 0.834),  # 256x64x56x56 float32 NHWC
-    ('train', 'channels_first', 'float16', 51380224, 0.353),  # 256x64x56x56 float16 NCHW
-    ('infer', 'channels_first', 'float16', 51380224, 0.609),  # 256x64x56x56 float16 NCHW
-    ('train', 'channels_last', 'float16', 51380224, 1.899),  # 256x64x56x56 float16 NHWC
-    ('infer', 'channels_last', 'float16', 51380224, 0.570),  # 256x64x56x56 float16 NHWC
-    ('train', 'channels_last', 'bfloat16', 51380224, 1.095),  # 256x64x56x56 bfloat16 NHWC
-    ('infer', 'channels_last', 'bfloat16', 51380224, 0.574),  # 256x64x56x56 bfloat16 NHWC
-    ('train', 'channels_last', 'float32', 33554432, 1.635),  # 8192x4096 float32 NC
-    ('infer', 'channels_last', 'float32', 33554432, 0.918),  # 8192x4096 float32 NC
-    ('train', 'channels_first', 'float32', 4194304, 6.138),  # 64x64x32x32 float32 NCHW
-    ('infer', 'channels_first', 'float32', 4194304, 1.943),  # 64x64x32x32 float32 NCHW
+    ("train", "channels_first", "float32", 51380224, 0.348),  # 256x64x56x56 float32 NCHW
+    ("infer", "channels_first", "float32", 51380224, 0.879),  # 256x64x56x56 float32 NCHW
+    ("train", "channels_last", "float32", 51380224, 1.259),  # 256x64x56x56 float32 NHWC
+    ("infer", "channels_last", "float32", 51380224, 0.834),  # 256x64x56x56 float32 NHWC
+    ("train", "channels_first", "float16", 51380224, 0.353),  # 256x64x56x56 float16 NCHW
+    ("infer", "channels_first", "float16", 51380224, 0.609),  # 256x64x56x56 float16 NCHW
+    ("train", "channels_last", "float16", 51380224, 1.899),  # 256x64x56x56 float16 NHWC
+    ("infer", "channels_last", "float16", 51380224, 0.570),  # 256x64x56x56 float16 NHWC
+    ("train", "channels_last", "bfloat16", 51380224, 1.095),  # 256x64x56x56 bfloat16 NHWC
+    ("infer", "channels_last", "bfloat16", 51380224, 0.574),  # 256x64x56x56 bfloat16 NHWC
+    ("train", "channels_last", "float32", 33554432, 1.635),  # 8192x4096 float32 NC
+    ("infer", "channels_last", "float32", 33554432, 0.918),  # 8192x4096 float32 NC
+    ("train", "channels_first", "float32", 4194304, 6.138),  # 64x64x32x32 float32 NCHW
+    ("infer", "channels_first", "float32", 4194304, 1.943),  # 64x64x32x32 float32 NCHW
 )

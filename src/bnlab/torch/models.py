@@ -12,8 +12,14 @@ def _layer(m) -> torch.nn.Module:
     """The torch layer of one bnlab layer, same hyperparameters (weights loaded after)."""
     nn = torch.nn
     if isinstance(m, bnn.Conv2d):
-        return nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding,
-                         bias=m.bias is not None)
+        return nn.Conv2d(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            bias=m.bias is not None,
+        )
     if isinstance(m, bnn.Linear):
         return nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
     if isinstance(m, (bnn.BatchNorm1d, bnn.BatchNorm2d)):
@@ -41,9 +47,15 @@ def twin(model: bnn.Sequential) -> torch.nn.Sequential:
     return net
 
 
-def seed_cnn(bn: bool = True, *, in_channels: int = 1, image_size: int = 28,
-             num_classes: int = 10, channels: tuple[int, int] = (8, 16),
-             seed: int = 0) -> torch.nn.Sequential:
+def seed_cnn(
+    bn: bool = True,
+    *,
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    channels: tuple[int, int] = (8, 16),
+    seed: int = 0,
+) -> torch.nn.Sequential:
     """The lesson's CNN in torch: [conv 3x3 -> BN -> ReLU -> max-pool 2x2] x 2 -> linear.
 
     State-dict keys (``0.weight``, ``1.running_mean``, ...) and the initial weights equal
@@ -51,20 +63,44 @@ def seed_cnn(bn: bool = True, *, in_channels: int = 1, image_size: int = 28,
 
     Shape: (N, in_channels, S, S) -> logits (N, num_classes).
     """
-    return twin(models.seed_cnn(bn, in_channels=in_channels, image_size=image_size,
-                                num_classes=num_classes, channels=channels, seed=seed))
+    return twin(
+        models.seed_cnn(
+            bn,
+            in_channels=in_channels,
+            image_size=image_size,
+            num_classes=num_classes,
+            channels=channels,
+            seed=seed,
+        )
+    )
 
 
-def paper_mlp(bn: bool = True, activation: str = "sigmoid", *, in_features: int = 784,
-              hidden: tuple[int, ...] = (100, 100, 100), num_classes: int = 10,
-              weight_std: float | None = None, seed: int = 0) -> torch.nn.Sequential:
+def paper_mlp(
+    bn: bool = True,
+    activation: str = "sigmoid",
+    *,
+    in_features: int = 784,
+    hidden: tuple[int, ...] = (100, 100, 100),
+    num_classes: int = 10,
+    weight_std: float | None = None,
+    seed: int = 0,
+) -> torch.nn.Sequential:
     """The paper's MLP (784-100-100-100-10, Linear -> BN -> activation) in torch, with
     :func:`bnlab.models.paper_mlp`'s keys and initial weights (:func:`twin`). float32.
 
     Shape: (N, in_features) or (N, C, H, W) with C*H*W = in_features -> (N, num_classes).
     """
-    return twin(models.paper_mlp(bn, activation, in_features=in_features, hidden=hidden,
-                                 num_classes=num_classes, weight_std=weight_std, seed=seed))
+    return twin(
+        models.paper_mlp(
+            bn,
+            activation,
+            in_features=in_features,
+            hidden=hidden,
+            num_classes=num_classes,
+            weight_std=weight_std,
+            seed=seed,
+        )
+    )
 
 
 # --- ResNets (He et al. 2016) with torchvision's architecture and state-dict keys -------------
@@ -76,8 +112,13 @@ class BasicBlock(torch.nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: torch.nn.Module | None = None,
+    ):
         super().__init__()
         nn = torch.nn
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
@@ -102,8 +143,13 @@ class Bottleneck(torch.nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: torch.nn.Module | None = None,
+    ):
         super().__init__()
         nn = torch.nn
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
@@ -165,7 +211,8 @@ class ResNet(torch.nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion))
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = [block(self.inplanes, planes, stride, downsample)]
         self.inplanes = planes * block.expansion
         layers += [block(self.inplanes, planes) for _ in range(1, blocks)]

@@ -55,8 +55,9 @@ def statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, T
     return mean, var, count
 
 
-def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
-              bias: Tensor | None, eps: float) -> Tensor:
+def normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """y = (x - mean) / sqrt(var + eps) * weight + bias, in :func:`compute_dtype`, returned
     in x's dtype."""
     cdt = compute_dtype(x.dtype)
@@ -68,21 +69,37 @@ def normalize(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None,
     return y.to(x.dtype)
 
 
-def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-            training: bool, mean: Tensor | None = None, var: Tensor | None = None,
-            mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    training: bool,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """y and the statistics it used: (y, mean, var, count). Training: x's own (under
     ``mask``); evaluation: the given ``mean`` and ``var`` (count 0)."""
     if training:
         mean, var, count = statistics(x, mask)
     else:
+        assert mean is not None and var is not None, "evaluation needs mean and var"
         count = x.new_zeros((), dtype=compute_dtype(x.dtype))
     return normalize(x, mean, var, weight, bias, eps), mean, var, count
 
 
-def grads(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float,
-          training: bool, mean: Tensor | None = None, inv_std: Tensor | None = None,
-          act: str = "identity") -> tuple[Tensor, Tensor, Tensor]:
+def grads(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    training: bool,
+    mean: Tensor | None = None,
+    inv_std: Tensor | None = None,
+    act: str = "identity",
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dgamma, dbeta) of ``act(normalize(x, ...))`` in the closed form, written in
     differentiable torch operations (:func:`bnlab.functional.batch_norm_backward`'s formula):
 
@@ -100,6 +117,7 @@ def grads(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps
     if training:
         mean, var, count = statistics(x)
         inv_std = torch.rsqrt(var + eps)
+    assert mean is not None and inv_std is not None, "evaluation needs mean and inv_std"
     inv_std = inv_std.to(cdt)
     x_hat = (x.to(cdt) - _channel(mean.to(cdt), x)) * _channel(inv_std, x)
     g = dy.to(cdt)

@@ -30,9 +30,6 @@ signature (its size depends on C, and collectives of different sizes hang or cor
 Its cost is measured by ``tools/sync_check_cost.py`` (docs/scaling.md).
 """
 
-
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
@@ -52,28 +49,34 @@ def _group_size(group) -> int:
 
 def _check_ranks(x: torch.Tensor, group) -> None:
     """All-gather (C, dtype, ndim) and raise, on every rank, if any rank differs."""
-    mine = torch.tensor([x.shape[1], _DTYPE_CODES.get(x.dtype, 0), x.dim()], dtype=torch.long,
-                        device=x.device)
+    mine = torch.tensor(
+        [x.shape[1], _DTYPE_CODES.get(x.dtype, 0), x.dim()], dtype=torch.long, device=x.device
+    )
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     names = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
     ref = every[0].tolist()
     bad = [r for r, t in enumerate(every) if t.tolist() != ref]
     if bad:
+
         def describe(r):
             c, code, ndim = every[r].tolist()
-            return f"rank {r}: {ndim}-D input, {c} channels, {names.get(code, 'unsupported dtype')}"
-        raise ValueError("SyncBatchNorm inputs differ across ranks: "
-                         + "; ".join(describe(r) for r in [0, *bad])
-                         + f" (ranks {bad} differ from rank 0)")
+            return (
+                f"rank {r}: {ndim}-D input, {c} channels, {names.get(code, 'unsupported dtype')}"
+            )
+
+        raise ValueError(
+            "SyncBatchNorm inputs differ across ranks: "
+            + "; ".join(describe(r) for r in [0, *bad])
+            + f" (ranks {bad} differ from rank 0)"
+        )
 
 
 class SyncFunction(torch.autograd.Function):
     """The synchronized training step (module docstring); one all-reduce each way."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, nbt, eps, momentum, group,
-                impl):
+    def forward(ctx, x, weight, bias, running_mean, running_var, nbt, eps, momentum, group, impl):
         C = x.shape[1]
         n_local = x.numel() // C if x.numel() else 0
         packed = torch.zeros((3, C), dtype=torch.float64, device=x.device)
@@ -87,8 +90,10 @@ class SyncFunction(torch.autograd.Function):
         mean = packed[1] / packed[0]
         var = (packed[2] / packed[0] - mean * mean).clamp_min(0.0)
         if n <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {n} "
-                             f"over all ranks (input size {tuple(x.shape)} on this rank)")
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {n} "
+                f"over all ranks (input size {tuple(x.shape)} on this rank)"
+            )
         if running_mean is not None:
             engine.update_running(running_mean, running_var, nbt, mean, var, n, momentum)
         if n_local:
@@ -105,9 +110,11 @@ class SyncFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         if _ops.graph_wanted(dy):
-            raise RuntimeError("SyncBatchNorm has no second derivative: its backward's "
-                               "all-reduce is not differentiable (use it without "
-                               "create_graph=True, or BatchNorm on one process)")
+            raise RuntimeError(
+                "SyncBatchNorm has no second derivative: its backward's "
+                "all-reduce is not differentiable (use it without "
+                "create_graph=True, or BatchNorm on one process)"
+            )
         x, weight, mean, inv_std = ctx.saved_tensors
         C = x.shape[1]
         sums = torch.zeros((2, C), dtype=torch.float64, device=x.device)
@@ -121,8 +128,11 @@ class SyncFunction(torch.autograd.Function):
             dx = ctx.impl.dx_from_sums(dy, x, mean, inv_std, weight, sums[0], sums[1], ctx.n)
         else:
             dx = torch.zeros_like(x)
-        dweight = None if ctx.weight_dtype is None else (
-            local_sums[1] * inv_std.to(torch.float64)).to(ctx.weight_dtype)
+        dweight = (
+            None
+            if ctx.weight_dtype is None
+            else (local_sums[1] * inv_std.to(torch.float64)).to(ctx.weight_dtype)
+        )
         dbias = None if ctx.bias_dtype is None else local_sums[0].to(ctx.bias_dtype)
         return dx, dweight, dbias, None, None, None, None, None, None, None
 
@@ -144,11 +154,20 @@ class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, process_group=None,
-                 device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
         self.process_group = process_group
 
     def _check_input_dim(self, input):
@@ -159,7 +178,7 @@ class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
-    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         no_mask(self, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
@@ -168,24 +187,38 @@ class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
         group = self.process_group
         _check_ranks(input, group)  # every call: any rank may change (module docstring)
         if input.shape[1] != self.num_features:  # on every rank alike, after the exchange
-            raise ValueError(f"expected {self.num_features} channels, got input of shape "
-                             f"{tuple(input.shape)}")
+            raise ValueError(
+                f"expected {self.num_features} channels, got input of shape {tuple(input.shape)}"
+            )
         engine.check_eps(self.eps, True)
         update = self.track_running_stats
-        params = (self.running_mean if update else None, self.running_var if update else None,
-                  self.weight, self.bias)
+        params = (
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+        )
         if input.numel():
             name = engine.select(self.backend, input, params, measured=False)
             if name not in _ops.ENGINES:
                 raise TypeError(
                     f"SyncBatchNorm runs bnlab's kernels: CPU float32/float64 or CUDA "
                     f"float32/float16/bfloat16 input with parameters of its dtype (or float32),"
-                    f" got {input.dtype} on {input.device}")
+                    f" got {input.dtype} on {input.device}"
+                )
         else:  # an empty slice on this rank: no kernel runs, only the all-reduces
             name = "triton" if input.device.type == "cuda" else "numba"
         momentum = self.momentum
         nbt = self.num_batches_tracked if update else None
-        return SyncFunction.apply(input, self.weight, self.bias,
-                                  self.running_mean if update else None,
-                                  self.running_var if update else None, nbt, self.eps,
-                                  momentum, group, _ops.ENGINES[name])
+        return SyncFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            nbt,
+            self.eps,
+            momentum,
+            group,
+            _ops.ENGINES[name],
+        )

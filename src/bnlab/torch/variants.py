@@ -5,13 +5,10 @@ Bookkeeping and dispatch around bnlab's kernels (:mod:`bnlab.torch._ops`) and fo
 :mod:`bnlab.nn`, with the same semantics.
 """
 
-
 import collections
 import copy
-from typing import Optional
 
 import numpy as np
-
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
@@ -19,8 +16,7 @@ from .. import functional as BF
 from ..nn.variants import recalibrate_layers
 from . import _ops, engine, reference
 from . import functional as F
-from .batchnorm import PythonOnly, _BatchNorm, no_mask
-
+from .batchnorm import PythonOnly, _BatchNorm, _Host, no_mask
 
 # --- ghost batches ----------------------------------------------------------------------------
 
@@ -32,9 +28,18 @@ def _train_with_stats(x, weight, bias, eps, backend):
     name = engine.select(backend, x, (None, None, weight, bias))
     engine.check_eps(eps, True)
     if name in _ops.ENGINES:
-        y, mean, var, _ = _ops.TrainFunction.apply(x, weight, bias, eps, None, None, None,
-                                                   _ops.count_per_channel(x), 0.0,
-                                                   _ops.ENGINES[name])
+        y, mean, var, _ = _ops.TrainFunction.apply(
+            x,
+            weight,
+            bias,
+            eps,
+            None,
+            None,
+            None,
+            _ops.count_per_channel(x),
+            0.0,
+            _ops.ENGINES[name],
+        )
         return y, mean, var
     if name == "reference":
         y, mean, var, _ = reference.forward(x, weight, bias, eps, True)
@@ -52,35 +57,50 @@ class _Ghost(PythonOnly):
     :class:`bnlab.nn.GhostBatchNorm2d`'s docstring). Evaluation uses the running
     statistics."""
 
-    def __init__(self, num_features, virtual_batch_size: int, eps=1e-5, momentum=0.1,
-                 affine=True, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        virtual_batch_size: int,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         self.virtual_batch_size = BF.check_virtual_batch_size(virtual_batch_size)
 
-    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         no_mask(self, mask)
         if not self.training:
             return super()._forward(input)
         self._check_input_dim(input)
         v = self.virtual_batch_size
         if input.shape[0] % v:
-            raise ValueError(f"the batch size must be a multiple of virtual_batch_size={v}, "
-                             f"got a batch of {input.shape[0]} (input shape "
-                             f"{tuple(input.shape)})")
+            raise ValueError(
+                f"the batch size must be a multiple of virtual_batch_size={v}, "
+                f"got a batch of {input.shape[0]} (input shape "
+                f"{tuple(input.shape)})"
+            )
         ys, means, variances = [], [], []
         for chunk in input.split(v):
             engine.verify_batch_size(chunk)
-            y, mean, var = _train_with_stats(chunk, self.weight, self.bias, self.eps,
-                                             self.backend)
+            y, mean, var = _train_with_stats(chunk, self.weight, self.bias, self.eps, self.backend)
             ys.append(y)
             means.append(mean)
             variances.append(var)
         if self.track_running_stats:
             mean = torch.stack(means).mean(0)
             var = torch.stack(variances).mean(0)
-            engine.update_running(self.running_mean, self.running_var,
-                                  self.num_batches_tracked, mean, var,
-                                  _ops.count_per_channel(input) // len(ys), self.momentum)
+            engine.update_running(
+                self.running_mean,
+                self.running_var,
+                self.num_batches_tracked,
+                mean,
+                var,
+                _ops.count_per_channel(input) // len(ys),
+                self.momentum,
+            )
         return torch.cat(ys)
 
     def extra_repr(self) -> str:
@@ -107,8 +127,21 @@ class _Renorm(PythonOnly):
     r and d from :func:`bnlab.functional.renorm_correction` (constants);
     ``y = x_hat * (weight * r) + (weight * d + bias)``."""
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, rmax=3.0, dmax=5.0,
-                 renorm_momentum=0.01, device=None, dtype=None):
+    renorm_mean: torch.Tensor
+    renorm_std: torch.Tensor
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        rmax=3.0,
+        dmax=5.0,
+        renorm_momentum=0.01,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
         if rmax < 1 or dmax < 0:
             raise ValueError(f"rmax must be >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
@@ -117,16 +150,22 @@ class _Renorm(PythonOnly):
         self.register_buffer("renorm_mean", torch.zeros(self.num_features, **kw))
         self.register_buffer("renorm_std", torch.ones(self.num_features, **kw))
 
-    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         no_mask(self, mask)
         if not self.training:
             return super()._forward(input)
         self._check_input_dim(input)
         engine.verify_batch_size(input)
         x_hat, mean, var = _train_with_stats(input, None, None, self.eps, self.backend)
-        r, d, sigma_b = BF.renorm_correction(_np(mean), _np(var), self.eps,
-                                             _np(self.renorm_mean), _np(self.renorm_std),
-                                             self.rmax, self.dmax)
+        r, d, sigma_b = BF.renorm_correction(
+            _np(mean),
+            _np(var),
+            self.eps,
+            _np(self.renorm_mean),
+            _np(self.renorm_std),
+            self.rmax,
+            self.dmax,
+        )
         shape = [1, -1] + [1] * (input.dim() - 2)
 
         def channel(a):
@@ -137,15 +176,23 @@ class _Renorm(PythonOnly):
         y = (x_hat * (weight * channel(r)) + (weight * channel(d) + bias)).to(input.dtype)
         # the renorm averages under the running statistics' guard: a NaN batch changes none
         w = self.renorm_momentum
-        engine.update_running(self.running_mean, self.running_var, self.num_batches_tracked,
-                              mean, var, _ops.count_per_channel(input), self.momentum,
-                              extra=((self.renorm_mean, mean, w),
-                                     (self.renorm_std, torch.from_numpy(sigma_b), w)))
+        engine.update_running(
+            self.running_mean,
+            self.running_var,
+            self.num_batches_tracked,
+            mean,
+            var,
+            _ops.count_per_channel(input),
+            self.momentum,
+            extra=((self.renorm_mean, mean, w), (self.renorm_std, torch.from_numpy(sigma_b), w)),
+        )
         return y
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
-                f"renorm_momentum={self.renorm_momentum}")
+        return (
+            super().extra_repr() + f", rmax={self.rmax}, dmax={self.dmax}, "
+            f"renorm_momentum={self.renorm_momentum}"
+        )
 
 
 class BatchRenorm1d(_Renorm, _BatchNorm, torch.nn.BatchNorm1d):
@@ -159,14 +206,22 @@ class BatchRenorm2d(_Renorm, _BatchNorm, torch.nn.BatchNorm2d):
 # --- BN + activation ---------------------------------------------------------------------------
 
 
-class _Activated:
+class _Activated(_Host):
     """BatchNorm2d's arguments with ``act`` second ("relu" or "identity"; timm's order)."""
 
-    def __init__(self, num_features, act: str = "relu", eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
+    def __init__(
+        self,
+        num_features,
+        act: str = "relu",
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+    ):
         BF._check_act(act)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.act = act
 
     def extra_repr(self) -> str:
@@ -188,19 +243,31 @@ class BatchNormAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
         """The activation after BN (TorchScript's path calls it too)."""
         return torch.relu(y) if self.act == "relu" else y
 
-    def _forward(self, input: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         no_mask(self, mask)
         self._check_input_dim(input)
         bn_training, rm, rv, nbt, momentum = self._bn_args()
         engine.check_eps(self.eps, bn_training)
-        name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias),
-                             training=bn_training)
+        name = engine.select(
+            self.backend, input, (rm, rv, self.weight, self.bias), training=bn_training
+        )
         if name not in _ops.ENGINES or torch.compiler.is_compiling():
             return self._scripted_act(super()._forward(input))
         if bn_training:
             engine.verify_batch_size(input)
-        return _ops.ActFunction.apply(input, self.weight, self.bias, rm, rv, nbt, self.eps,
-                                      momentum, bn_training, self.act, name)
+        return _ops.ActFunction.apply(
+            input,
+            self.weight,
+            self.bias,
+            rm,
+            rv,
+            nbt,
+            self.eps,
+            momentum,
+            bn_training,
+            self.act,
+            name,
+        )
 
 
 class BatchNormAddAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
@@ -229,18 +296,53 @@ class BatchNormAddAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
         self._check_input_dim(input)
         bn_training, rm, rv, nbt, momentum = self._bn_args()
         engine.check_eps(self.eps, bn_training)
-        name = engine.select(self.backend, input, (rm, rv, self.weight, self.bias),
-                             update=nbt is not None, training=bn_training)
+        name = engine.select(
+            self.backend,
+            input,
+            (rm, rv, self.weight, self.bias),
+            update=nbt is not None,
+            training=bn_training,
+        )
         if bn_training:
             engine.verify_batch_size(input)
-        fused = (name in _ops.ENGINES and not torch.compiler.is_compiling()
-                 and isinstance(residual, torch.Tensor) and residual.shape == input.shape
-                 and residual.dtype == input.dtype and residual.device == input.device)
+        fused = (
+            name in _ops.ENGINES
+            and not torch.compiler.is_compiling()
+            and isinstance(residual, torch.Tensor)
+            and residual.shape == input.shape
+            and residual.dtype == input.dtype
+            and residual.device == input.device
+        )
         if not fused:
-            return self._add_act(F.run(name, input, rm, rv, self.weight, self.bias,
-                                       bn_training, momentum, self.eps, nbt), residual)
-        return _ops.AddActFunction.apply(input, residual, self.weight, self.bias, rm, rv, nbt,
-                                         self.eps, momentum, bn_training, self.act, name)
+            return self._add_act(
+                F.run(
+                    name,
+                    input,
+                    rm,
+                    rv,
+                    self.weight,
+                    self.bias,
+                    bn_training,
+                    momentum,
+                    self.eps,
+                    nbt,
+                ),
+                residual,
+            )
+        return _ops.AddActFunction.apply(
+            input,
+            residual,
+            self.weight,
+            self.bias,
+            rm,
+            rv,
+            nbt,
+            self.eps,
+            momentum,
+            bn_training,
+            self.act,
+            name,
+        )
 
     def _add_act(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """act(y + residual) in torch operations (TorchScript's path and the unfused one)."""
@@ -261,6 +363,11 @@ class FrozenBatchNorm2d(torch.nn.Module):
     ``num_batches_tracked`` is accepted and ignored.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -278,10 +385,25 @@ class FrozenBatchNorm2d(torch.nn.Module):
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
         if torch.jit.is_scripting():  # torch's kernel: TorchScript cannot call bnlab's
-            return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var,
-                                                  self.weight, self.bias, False, 0.0, self.eps)
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                            training=False, eps=self.eps)
+            return torch.nn.functional.batch_norm(
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            training=False,
+            eps=self.eps,
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
@@ -304,14 +426,17 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """Replace every BatchNorm1d/2d/3d (torch's, bnlab's, SyncBatchNorm) in ``module`` by a
     :class:`FrozenBatchNorm2d` with copies of its values, in place; returns the module (the
     new one if ``module`` itself is a BN layer)."""
+
     def frozen(bn):
         if not isinstance(bn, _TorchBatchNorm):
             return None
         if bn.running_mean is None:
-            raise ValueError(f"cannot freeze {bn!r}: it has no running statistics "
-                             "(track_running_stats=False)")
-        new = FrozenBatchNorm2d(bn.num_features, bn.eps, device=bn.running_mean.device,
-                                dtype=bn.running_mean.dtype)
+            raise ValueError(
+                f"cannot freeze {bn!r}: it has no running statistics (track_running_stats=False)"
+            )
+        new = FrozenBatchNorm2d(
+            bn.num_features, bn.eps, device=bn.running_mean.device, dtype=bn.running_mean.dtype
+        )
         with torch.no_grad():
             new.running_mean.copy_(bn.running_mean)
             new.running_var.copy_(bn.running_var)
@@ -331,8 +456,7 @@ def recalibrate(model: torch.nn.Module, batches) -> torch.nn.Module:
     layer's running statistics and recompute them as the exact average over ``batches``
     (inputs, or (input, target) pairs; no gradients), then restore each layer's momentum
     and the model's train/eval mode. Returns the model."""
-    bns = [m for m in model.modules() if isinstance(m, _TorchBatchNorm)
-           and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, _TorchBatchNorm) and m.track_running_stats]
     with torch.no_grad():
         return recalibrate_layers(model, bns, batches, lambda bn: bn.reset_running_stats())
 
@@ -360,8 +484,10 @@ def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Mo
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure: say what to do
-        raise ValueError(f"fold_batchnorm traces the model with torch.fx, which failed: {e}; "
-                         "fold the traceable submodules instead") from e
+        raise ValueError(
+            f"fold_batchnorm traces the model with torch.fx, which failed: {e}; "
+            "fold the traceable submodules instead"
+        ) from e
     mods = dict(traced.named_modules())
     calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module")
     for node in list(traced.graph.nodes):
@@ -369,17 +495,30 @@ def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Mo
             continue
         bn = mods[node.target]
         prev = node.args[0] if node.args else None
-        layer = (mods.get(prev.target) if isinstance(prev, torch.fx.Node)
-                 and prev.op == "call_module" else None)
+        layer = (
+            mods.get(prev.target)
+            if isinstance(prev, torch.fx.Node) and prev.op == "call_module"
+            else None
+        )
         # a layer (or BN) called more than once cannot take one BN's values: it stays
-        if (isinstance(layer, _FOLDABLE) and len(prev.users) == 1 and bn.track_running_stats
-                and calls[prev.target] == 1 and calls[node.target] == 1
-                and layer.weight.shape[0] == bn.num_features):
+        if (
+            isinstance(layer, _FOLDABLE)
+            and isinstance(prev, torch.fx.Node)
+            and len(prev.users) == 1
+            and bn.track_running_stats
+            and calls[prev.target] == 1
+            and calls[node.target] == 1
+            and layer.weight.shape[0] == bn.num_features
+        ):
             w, b = BF.fold_batchnorm_params(
-                _np(layer.weight), None if layer.bias is None else _np(layer.bias),
-                _np(bn.running_mean), _np(bn.running_var),
+                _np(layer.weight),
+                None if layer.bias is None else _np(layer.bias),
+                _np(bn.running_mean),
+                _np(bn.running_var),
                 None if bn.weight is None else _np(bn.weight),
-                None if bn.bias is None else _np(bn.bias), bn.eps)
+                None if bn.bias is None else _np(bn.bias),
+                bn.eps,
+            )
             device, dtype = layer.weight.device, layer.weight.dtype
             layer.weight = torch.nn.Parameter(torch.from_numpy(w).to(device, dtype))
             layer.bias = torch.nn.Parameter(torch.from_numpy(b).to(device, dtype))
@@ -387,9 +526,11 @@ def fold_batchnorm(module: torch.nn.Module, strict: bool = False) -> torch.nn.Mo
             traced.graph.erase_node(node)
             traced.delete_submodule(node.target)
         elif strict:
-            raise ValueError(f"fold_batchnorm(strict=True): the BN layer {node.target!r} does "
-                             f"not directly follow a Conv or Linear layer whose output only it "
-                             f"uses")
+            raise ValueError(
+                f"fold_batchnorm(strict=True): the BN layer {node.target!r} does "
+                f"not directly follow a Conv or Linear layer whose output only it "
+                f"uses"
+            )
     traced.graph.lint()
     traced.recompile()
     return traced.eval()
