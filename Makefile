@@ -39,11 +39,11 @@ types: $(VENV)/.installed-test
 # the API site, offline, into site/ (open site/index.html)
 docs: $(VENV)/.installed-test
 	$(PY) tools/import_graph.py --svg docs/architecture-imports.svg
-	$(VENV)/bin/mkdocs build --quiet
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --quiet
 
 # the same, failing on any warning (a broken reference, a missing page): what CI runs
 docs-strict: $(VENV)/.installed-test
-	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
 check-wheel: $(VENV)/.installed-test
 	$(PY) tools/check_wheel.py --work build/wheel-check

@@ -1,6 +1,11 @@
 """Shared test helpers: the PyTorch reference and tensors in both layouts."""
 
 import os
+import sys
+from pathlib import Path
+
+# tools/ holds what the tests share with the GPU scripts (tools/gpu_cases.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 # The Triton kernels run in Triton's interpreter on CPU tensors (decided when bnlab first
 # imports Triton, so before any test does).

@@ -9,10 +9,11 @@ pytest.importorskip("triton")
 
 import bnlab.torch as bt  # noqa: E402
 from bnlab import kernels  # noqa: E402
-from bnlab.torch import _ops, checks  # noqa: E402
+from bnlab.torch import _ops, engine  # noqa: E402
+import gpu_cases as checks  # noqa: E402  (tools/: the GPU script's cases)
 from test_torch import LAYOUTS, TOL, pair, train_and_eval  # noqa: E402
 
-tb = kernels.resolve_triton()
+tb = engine.resolve_triton()
 SMALL = [c for c in checks.CASES if c.small]
 
 
@@ -191,8 +192,8 @@ def test_gpu_machine_imports(tmp_path):
             "for m in ('mlxtend', 'matplotlib', 'pooch', 'tqdm', 'sklearn'):\n"
             "    sys.modules[m] = None\n"
             "import bnlab.torch, bnlab.bench_gpu, bnlab.cli\n"
-            "from bnlab import kernels\n"
-            "kernels.resolve_triton()\n"
+            "from bnlab.torch import engine\n"
+            "engine.resolve_triton()\n"
             f"bnlab.bench_gpu.write_json({{'ok': 1}}, {str(tmp_path / 'a.json')!r})\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)

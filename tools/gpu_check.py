@@ -5,7 +5,7 @@ but no network, no mlxtend, matplotlib or pooch):
 
     PYTHONPATH=src python tools/gpu_check.py --out "$OUT"
 
-1. the correctness cases of :mod:`bnlab.torch.checks` on CUDA (the small ones first, the
+1. the correctness cases of tools/gpu_cases.py on CUDA (the small ones first, the
    benchmark-sized ones last), each against bnlab's float64 NumPy reference and torch's
    own running statistics, with a bitwise determinism check;
 2. ``bnlab bench --device cuda`` (:mod:`bnlab.bench_gpu`): bnlab against torch's native
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     import torch
 
     from bnlab import bench_gpu
-    from bnlab.torch import checks
+    import gpu_cases as checks  # beside this script
 
     # "skipped": not run on request (--skip-distributed, the large cases in a CPU dry run);
     # "over_budget": not run for lack of time, so not passing

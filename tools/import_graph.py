@@ -4,10 +4,11 @@ Every ``import`` and ``from ... import`` of a bnlab module anywhere in a module'
 (inside functions too) is an edge. Layers, lowest first (a module may import its own layer
 and the ones below it, never one above):
 
-    kernels      bnlab.kernels (the fused CPU and GPU kernels), bnlab.extras
+    kernels      bnlab.kernels (the fused CPU kernels), bnlab.extras
     functional   bnlab.functional (the math, dispatching to the kernels)
     nn           bnlab.nn, bnlab.models, bnlab.doctor (NumPy layers, models, the doctor's rules)
-    torch        bnlab.torch (torch modules on the same math and kernels)
+    torch        bnlab.torch (torch modules on the same math and kernels), and
+                 bnlab.kernels.triton_bn (the GPU kernels, which take torch tensors)
     lab          bnlab.data, bnlab.train, bnlab.report, bnlab.bench, bnlab.bench_gpu,
                  bnlab.experiments, bnlab.explain (data, training, plots, experiments)
     cli          bnlab.cli, bnlab.__main__ (the command), bnlab (the package's front door)
@@ -30,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 LAYERS = ("kernels", "functional", "nn", "torch", "lab", "cli")
 _PREFIXES = (  # (module prefix, layer), longest prefix first
+    # the Triton kernels take torch tensors: they sit in bnlab/kernels/ (the design's file
+    # layout) but belong to the torch layer, and only bnlab.torch loads them
+    ("bnlab.kernels.triton_bn", "torch"),
     ("bnlab.kernels", "kernels"), ("bnlab.extras", "kernels"),
     ("bnlab.functional", "functional"),
     ("bnlab.nn", "nn"), ("bnlab.models", "nn"), ("bnlab.doctor", "nn"),
@@ -124,8 +128,9 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def check() -> list[str]:
-    """Violations: an import from a lower layer to a higher one, or a cycle of modules (a
-    package's ``__init__`` importing its own modules is not one: it is the package)."""
+    """Violations: an import from a lower layer to a higher one, a cycle of modules (a
+    package's ``__init__`` importing its own modules is not one: it is the package), or a
+    private name of one package used from another."""
     found = []
     es = edges()
     for a, b in sorted(es):
@@ -135,12 +140,46 @@ def check() -> list[str]:
     for a, b in es:
         graph.setdefault(a, set()).add(b)
     found += [f"cycle: {' -> '.join(c)}" for c in _cycles(graph)]
-    return found
+    return found + private_uses()
 
 
 def _package(module: str) -> str:
+    if module.startswith("bnlab.kernels.triton_bn"):
+        return "bnlab.kernels.triton_bn"  # drawn in its own layer (see _PREFIXES)
     parts = module.split(".")
     return ".".join(parts[:2]) if len(parts) > 1 else module
+
+
+def private_uses() -> list[str]:
+    """Private names (``_x``) of one bnlab package used from another: ``from P import _x``
+    and ``alias._x`` with ``alias`` a module of P."""
+    mods = modules()
+    found = []
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        is_package = path.name == "__init__.py"
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(node.module or "", node.level, mod, is_package)
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    if full in mods:
+                        aliases[a.asname or a.name] = full
+                    elif a.name.startswith("_") and not a.name.startswith("__") and \
+                            base.startswith("bnlab") and _package(base) != _package(mod):
+                        found.append(f"private: {mod} imports {a.name} from {base}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.attr.startswith("_") and not node.attr.startswith("__"):
+                target = aliases.get(node.value.id)
+                if target and _package(target) != _package(mod):
+                    found.append(f"private: {mod} uses {node.value.id}.{node.attr} of {target}")
+    return sorted(set(found))
 
 
 def draw(path: Path) -> None:
@@ -150,6 +189,8 @@ def draw(path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text as text: small, searchable
+    matplotlib.rcParams["svg.hashsalt"] = "bnlab"  # the same file for the same graph
     es = {(_package(a), _package(b)) for a, b in edges()}
     es = {(a, b) for a, b in es if a != b}
     nodes = sorted({n for e in es for n in e} | {_package(m) for m in modules()})

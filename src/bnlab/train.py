@@ -114,7 +114,8 @@ def fit(
     Args:
         epochs: passes over the training split (ignored when ``steps`` is given).
         steps: total optimizer updates; batches are drawn epoch after epoch as needed.
-        lr, batch_size, optimizer ("sgd" | "adam"), momentum (SGD), weight_decay.
+        lr, batch_size, optimizer, momentum, weight_decay: the optimizer ("sgd" or "adam";
+            momentum for SGD) and the mini-batch size.
         seed: shuffling and dropout masks. Batches are full (``drop_last``), so BN never
             sees a batch of one.
         eval_every: evaluate on the test split every this many steps (and at the end);

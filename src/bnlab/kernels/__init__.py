@@ -3,7 +3,7 @@
 ``backend`` arguments take "auto" (numba when it imports, else NumPy), "numpy" (the
 reference) or "numba". The environment variable ``BNLAB_BACKEND`` changes what "auto"
 means. Kernels receive validated, contiguous float32/float64 arrays and return arrays;
-all checks and conventions stay in ``functional.py``.
+all checks and conventions stay in :mod:`bnlab.functional`.
 
 Threads: large tensors use all of numba's threads (``NUMBA_NUM_THREADS``), small ones one;
 ``num_threads(n)`` caps them for a block of code (``bnlab.train`` uses ``num_threads(1)``
@@ -24,7 +24,7 @@ DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # compute dtypes the kern
 _loaded: dict[str, object] = {}
 
 
-def _numba_module():
+def numba_module():
     if "numba" not in _loaded:
         try:
             from . import numba_bn
@@ -35,22 +35,11 @@ def _numba_module():
     return _loaded["numba"]
 
 
-def _triton_module():
-    if "triton" not in _loaded:
-        try:
-            from . import triton_bn
-        except ImportError as e:  # triton (or torch) missing: bnlab.torch uses torch's path
-            _loaded["triton"] = e
-        else:
-            _loaded["triton"] = triton_bn
-    return _loaded["triton"]
-
-
 def missing_numba_message() -> str:
     """What a missing numba costs, said once (by :func:`resolve` and bnlab.torch's engine
     layer)."""
     return (
-        f"bnlab: numba failed to import ({_numba_module()}), so bnlab's fused CPU kernels "
+        f"bnlab: numba failed to import ({numba_module()}), so bnlab's fused CPU kernels "
         "are unavailable: NumPy calls run the NumPy reference instead (a training "
         "forward+backward about 9x slower in docs/bench/run-7.json, one run) and "
         "bnlab.torch runs torch's own kernel on CPU; pip install numba"
@@ -60,7 +49,7 @@ def missing_numba_message() -> str:
 _said: set[str] = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
     if key not in _said:
         _said.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -69,20 +58,6 @@ def _warn_once(key: str, message: str) -> None:
 def triton_interpreted() -> bool:
     """True when Triton runs kernels in its interpreter, on CPU tensors (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def resolve_triton():
-    """:mod:`bnlab.kernels.triton_bn`, or the ImportError that says why Triton is missing.
-
-    Triton decides when this module is first imported whether its kernels compile for the
-    GPU or run in its interpreter (``TRITON_INTERPRET=1``, for CPU tensors).
-    """
-    mod = _triton_module()
-    if isinstance(mod, ImportError):
-        raise ImportError(
-            f"the Triton kernels need triton, which failed to import: {mod}; pip install triton"
-        ) from mod
-    return mod
 
 
 def resolve(backend: str = "auto", dtype=None):
@@ -98,16 +73,16 @@ def resolve(backend: str = "auto", dtype=None):
         if backend not in BACKENDS:
             raise ValueError(f"BNLAB_BACKEND must be one of {BACKENDS}, got {backend!r}")
         if backend == "auto":
-            mod = _numba_module()
+            mod = numba_module()
             if isinstance(mod, ImportError):
-                _warn_once("numba", missing_numba_message())
+                warn_once("numba", missing_numba_message())
                 return None
             if dtype is not None and dtype not in DTYPES:
                 return None
             return mod
     if backend == "numpy":
         return None
-    mod = _numba_module()
+    mod = numba_module()
     if isinstance(mod, ImportError):
         raise ImportError(f'backend="numba" needs numba, which failed to import: {mod}')
     if dtype is not None and dtype not in DTYPES:
@@ -123,7 +98,7 @@ def num_threads(n: int | None):
     """Cap the fused kernels at ``n`` threads inside the block (None: no cap)."""
     if n is not None and (int(n) != n or n < 1):
         raise ValueError(f"num_threads must be a positive integer or None, got {n!r}")
-    mod = _numba_module()
+    mod = numba_module()
     if isinstance(mod, ImportError):
         yield
         return

@@ -59,8 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..torch.layout import TRITON_DTYPES, memory_format
 from . import triton_interpreted
-from .torch_layout import TRITON_DTYPES, memory_format
 
 DTYPES = TRITON_DTYPES  # inputs; statistics are float32
 PROGRAMS_PER_SM = 8  # programs per multiprocessor to aim for

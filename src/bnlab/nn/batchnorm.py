@@ -84,7 +84,7 @@ class _BatchNorm(Module):
     def _check_input(self, x: np.ndarray) -> None:
         if x.ndim not in self._ranks:
             raise ValueError(f"expected {self._rank_text} input (got {x.ndim}D input)")
-        F._check_float(x)
+        F.check_float(x)
         C = x.shape[self.axis]
         if C != self.num_features:
             raise ValueError(

@@ -29,7 +29,7 @@ def _check_input(x, ndim: int, what: str, axis: int | None = None, expected: int
     x = np.asarray(x)
     if x.ndim != ndim:
         raise ValueError(f"expected {ndim}D input {what} (got {x.ndim}D input of shape {x.shape})")
-    F._check_float(x)
+    F.check_float(x)
     if axis is not None and x.shape[axis] != expected:
         raise ValueError(
             f"expected {expected} {'features' if ndim == 2 else 'channels'} on "

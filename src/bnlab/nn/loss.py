@@ -23,7 +23,7 @@ class CrossEntropyLoss:
 
     def __call__(self, logits, labels) -> float:
         logits, labels = np.asarray(logits), np.asarray(labels)
-        F._check_float(logits, "logits")
+        F.check_float(logits, "logits")
         if logits.ndim != 2:
             raise ValueError(f"expected 2D logits (N, K), got shape {logits.shape}")
         if labels.shape != (logits.shape[0],) or not np.issubdtype(labels.dtype, np.integer):

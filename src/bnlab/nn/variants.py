@@ -226,7 +226,7 @@ class BatchNormAct2d(BatchNorm2d):
         dtype=np.float32,
         data_format: str = "NCHW",
     ):
-        F._check_act(act)
+        F.check_act(act)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, dtype, data_format
         )
@@ -325,35 +325,13 @@ def recalibrate(model: Module, batches) -> Module:
         for _, m in model.named_modules()
         if isinstance(m, _BatchNorm) and m.running_mean is not None
     ]
-    return recalibrate_layers(model, bns, batches, _reset_running_stats)
+    return F.recalibrate_layers(model, bns, batches, _reset_running_stats)
 
 
 def _reset_running_stats(bn) -> None:
     bn.running_mean[...] = 0
     bn.running_var[...] = 1
     bn.num_batches_tracked = 0
-
-
-def recalibrate_layers(model, bns, batches, reset):
-    """The bookkeeping of precise BN, for bnlab and torch models alike: ``reset`` each of
-    the BN layers ``bns``, make their running averages cumulative (momentum None), run
-    ``batches`` through ``model`` in train mode, then restore the momenta and the mode."""
-    if not bns:
-        return model
-    momenta = [bn.momentum for bn in bns]
-    was_training = model.training
-    for bn in bns:
-        reset(bn)
-        bn.momentum = None  # cumulative average: 1 / n for the n-th batch
-    model.train()
-    try:
-        for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        model.train(was_training)
-    return model
 
 
 def fold_batchnorm(module: Module, strict: bool = False) -> Module:

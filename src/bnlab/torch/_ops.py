@@ -59,8 +59,8 @@ from torch import Tensor
 
 from .. import functional as F
 from .. import kernels
-from ..kernels.torch_layout import memory_format
 from . import engine, reference
+from .layout import memory_format
 
 _F64 = torch.float64
 DTYPES = (torch.float32, torch.float64)  # what the numba kernels compute in
@@ -303,7 +303,7 @@ def update_impl(
 
 
 def _triton():
-    return kernels.resolve_triton()
+    return engine.resolve_triton()
 
 
 def triton_train_impl(

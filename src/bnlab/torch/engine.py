@@ -32,7 +32,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import kernels
-from ..kernels.torch_layout import memory_format
+from .layout import memory_format
 
 BACKENDS = ("auto", "numba", "triton", "reference", "native")
 
@@ -131,12 +131,40 @@ def table() -> str:
 # --- what is installed ------------------------------------------------------------------------
 
 
+_triton: list = []  # bnlab.kernels.triton_bn, or the ImportError, once loaded
+
+
+def triton_module():
+    """:mod:`bnlab.kernels.triton_bn` (the Triton kernels, on torch tensors), or the
+    ImportError that stopped it; loaded once."""
+    if not _triton:
+        try:
+            from ..kernels import triton_bn
+        except ImportError as e:  # triton (or torch) missing: bnlab.torch uses torch's path
+            _triton.append(e)
+        else:
+            _triton.append(triton_bn)
+    return _triton[0]
+
+
+def resolve_triton():
+    """:mod:`bnlab.kernels.triton_bn`, or the ImportError that says why Triton is missing.
+    Triton decides when that module is first imported whether its kernels compile for the
+    GPU or run in its interpreter (``TRITON_INTERPRET=1``, for CPU tensors)."""
+    mod = triton_module()
+    if isinstance(mod, ImportError):
+        raise ImportError(
+            f"the Triton kernels need triton, which failed to import: {mod}; pip install triton"
+        ) from mod
+    return mod
+
+
 def available(engine: str) -> bool:
     """The engine's package imports."""
     package = RULE[engine].package
     if package is None:
         return True
-    mod = kernels._numba_module() if package == "numba" else kernels._triton_module()
+    mod = kernels.numba_module() if package == "numba" else triton_module()
     return not isinstance(mod, ImportError)
 
 
@@ -145,7 +173,7 @@ def _require(engine: str) -> None:
     if RULE[engine].package == "numba":
         kernels.resolve("numba")
     else:
-        kernels.resolve_triton()
+        resolve_triton()
 
 
 # --- checks torch makes -----------------------------------------------------------------------
@@ -333,7 +361,7 @@ def _torch_rejects(x: torch.Tensor, params) -> None:
 
 def _warn_missing(engine: str) -> None:
     if engine == "numba":
-        kernels._warn_once("numba", kernels.missing_numba_message())
+        kernels.warn_once("numba", kernels.missing_numba_message())
 
 
 # --- NumPy views of torch memory ------------------------------------------------------------

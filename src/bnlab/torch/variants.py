@@ -13,7 +13,6 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from .. import functional as BF
-from ..nn.variants import recalibrate_layers
 from . import _ops, engine, reference
 from . import functional as F
 from .batchnorm import PythonOnly, _BatchNorm, _Host, no_mask
@@ -220,7 +219,7 @@ class _Activated(_Host):
         device=None,
         dtype=None,
     ):
-        BF._check_act(act)
+        BF.check_act(act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.act = act
 
@@ -458,7 +457,7 @@ def recalibrate(model: torch.nn.Module, batches) -> torch.nn.Module:
     and the model's train/eval mode. Returns the model."""
     bns = [m for m in model.modules() if isinstance(m, _TorchBatchNorm) and m.track_running_stats]
     with torch.no_grad():
-        return recalibrate_layers(model, bns, batches, lambda bn: bn.reset_running_stats())
+        return BF.recalibrate_layers(model, bns, batches, lambda bn: bn.reset_running_stats())
 
 
 # --- folding ----------------------------------------------------------------------------------

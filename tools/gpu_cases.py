@@ -1,4 +1,5 @@
-"""Correctness cases for bnlab.torch's kernels against bnlab's float64 NumPy reference.
+"""Correctness cases for bnlab.torch's kernels against bnlab's float64 NumPy reference
+(a test harness: it lives in tools/, beside tools/gpu_check.py, not in the package).
 
 One list of cases serves two places: ``make test`` runs the small ones on CPU tensors with
 the Triton kernels in Triton's interpreter (``TRITON_INTERPRET=1``), and
@@ -23,8 +24,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .. import functional as F
-from .functional import batch_norm
+from bnlab import functional as F
+from bnlab.torch.functional import batch_norm
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 

@@ -1,5 +1,5 @@
-"""Torch facts shared by bnlab.torch and the Triton kernels: the memory-format rule and the
-dtypes the Triton kernels take."""
+"""Torch facts shared by bnlab.torch and the Triton kernels (:mod:`bnlab.kernels.triton_bn`,
+which take torch tensors): the memory-format rule and the dtypes the Triton kernels take."""
 
 from __future__ import annotations
 
