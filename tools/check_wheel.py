@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default=None, help="working folder (default: a temporary one)")
     args = p.parse_args(argv)
-    work = Path(args.work or tempfile.mkdtemp(prefix="bnlab-wheel-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="bnlab-wheel-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     failures = []
