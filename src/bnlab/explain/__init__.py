@@ -95,7 +95,7 @@ def page_data(seed: int = 0) -> dict:
             rows.append(
                 {
                     "mean": float(cache.mean[c]),
-                    "var": float(cache.var[c]),
+                    "var": float(cache.var[c]),  # type: ignore[index]  # a training cache
                     "min": float(v.min()),
                     "max": float(v.max()),
                     "edges": [float(edges[0]), float(edges[-1])],

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .. import kernels
 from ._common import (
@@ -96,24 +97,24 @@ def _check_mask(mask, x: np.ndarray, axis: int) -> np.ndarray:
 
 def _masked_forward(x, gamma, beta, eps, axis, mask):
     """:func:`batch_norm_forward` with statistics over the positions where ``mask`` holds."""
-    x, axis, reduce_axes, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
+    xa, axis, reduce_axes, bshape, C, cdt, g0, b0 = _prepare(x, gamma, beta, axis)
     eps = _check_number(eps, "eps", 0.0)
-    mask = _check_mask(mask, x, axis)
+    mask = _check_mask(mask, xa, axis)
     m = int(mask.sum())
     if m <= 1:
         raise ValueError(f"expected more than 1 unmasked value per channel when training, got {m}")
-    xc = x.astype(cdt, copy=False)
+    xc = xa.astype(cdt, copy=False)
     acc = _accumulator(cdt)
     w = mask.astype(acc)
     mean = (xc * w).sum(axis=reduce_axes, dtype=acc) / m  # (C,)
     var = (np.square(xc - mean.reshape(bshape), dtype=acc) * w).sum(axis=reduce_axes) / m
     inv_std = inv_std_of(var, eps, var.dtype)
     mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))
-    _check_finite_stats(np.where(mask, x, 0), mean, var)
-    y = _affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape)  # everywhere
-    g = np.ones(C, cdt) if gamma is None else gamma
-    cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var, mask)
-    return y.astype(x.dtype, copy=False), cache
+    _check_finite_stats(np.where(mask, xa, 0), mean, var)
+    y = _affine(_normalize(xc, mean, inv_std, bshape), g0, b0, bshape)  # everywhere
+    g = np.ones(C, cdt) if g0 is None else g0
+    cache = BNCache(xc, mean, inv_std, g, axis, True, xa.dtype, var, mask)
+    return y.astype(xa.dtype, copy=False), cache
 
 
 ACTS = ("identity", "relu")
@@ -131,15 +132,15 @@ def _activate(y, relu: bool):
 
 
 def batch_norm_forward(
-    x,
-    gamma,
-    beta,
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
     eps: float = 1e-5,
     axis: int = 1,
     backend: str = "auto",
-    mask=None,
+    mask: ArrayLike | None = None,
     act: str = "identity",
-):
+) -> tuple[np.ndarray, BNCache]:
     """Training-mode batch normalization with batch statistics: Algorithm 1 of the paper.
 
         mu      = mean(x)                  over every axis except ``axis``   (C,)
@@ -180,34 +181,34 @@ def batch_norm_forward(
         if relu:
             raise ValueError("mask= and act= together are not supported")
         return _masked_forward(x, gamma, beta, eps, axis, mask)
-    x, axis, reduce_axes, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
+    xa, axis, reduce_axes, bshape, C, cdt, g0, b0 = _prepare(x, gamma, beta, axis)
     eps = _check_number(eps, "eps", 0.0)
-    m = _count(x.shape, reduce_axes)
+    m = _count(xa.shape, reduce_axes)
     if m <= 1:
         raise ValueError(
-            f"expected more than 1 value per channel when training, got input of size {x.shape}"
+            f"expected more than 1 value per channel when training, got input of size {xa.shape}"
         )
-    xc = x.astype(cdt, copy=False)
+    xc = xa.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
     if fast is not None:
-        y, mean, var, inv_std = fast.train_forward(
-            xc, gamma, beta, eps, axis, act=act
-        )  # float64 stats
-        if not np.isfinite(var).all() and np.isfinite(x).all():
+        y, mean, var, inv_std = fast.train_forward(xc, g0, b0, eps, axis, act=act)  # float64 stats
+        if not np.isfinite(var).all() and np.isfinite(xa).all():
             fast = None  # the kernels' float64 sums overflowed; the reference rescales
     if fast is None:
         mean, var = (s.reshape(C) for s in _moments_keepdims(xc, reduce_axes))  # (C,), biased
         inv_std = inv_std_of(var, eps, var.dtype)  # (C,)
     mean, var, inv_std = (_cast(v, cdt) for v in (mean, var, inv_std))  # compute dtype
-    _check_finite_stats(x, mean, var)
+    _check_finite_stats(xa, mean, var)
     if fast is None:
-        y = _activate(_affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape), relu)
-    g = np.ones(C, cdt) if gamma is None else gamma
-    cache = BNCache(xc, mean, inv_std, g, axis, True, x.dtype, var, act=act, beta=beta)
-    return y.astype(x.dtype, copy=False), cache
+        y = _activate(_affine(_normalize(xc, mean, inv_std, bshape), g0, b0, bshape), relu)
+    g = np.ones(C, cdt) if g0 is None else g0
+    cache = BNCache(xc, mean, inv_std, g, axis, True, xa.dtype, var, act=act, beta=b0)
+    return y.astype(xa.dtype, copy=False), cache
 
 
-def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
+def batch_norm_backward(
+    dy: ArrayLike, cache: BNCache, backend: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradient of batch normalization, in one closed-form expression.
 
     With ``m`` values per channel and sums over every axis except the channel axis:
@@ -275,16 +276,16 @@ def batch_norm_backward(dy, cache: BNCache, backend: str = "auto"):
 
 
 def batch_norm_inference(
-    x,
-    mean,
-    var,
-    gamma,
-    beta,
+    x: ArrayLike,
+    mean: ArrayLike,
+    var: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
     eps: float = 1e-5,
     axis: int = 1,
     backend: str = "auto",
     act: str = "identity",
-):
+) -> tuple[np.ndarray, BNCache]:
     """Evaluation-mode batch normalization with fixed statistics, and its cache.
 
         y = gamma * (x - mean) / sqrt(var + eps) + beta     (then ReLU with ``act="relu"``)
@@ -293,24 +294,25 @@ def batch_norm_inference(
     (typically ``running_mean`` and ``running_var``). Each sample is normalized on its own,
     so the output of one sample does not depend on the rest of the batch.
     """
-    x, axis, _, bshape, C, cdt, gamma, beta = _prepare(x, gamma, beta, axis)
+    xa, axis, _, bshape, C, cdt, g0, b0 = _prepare(x, gamma, beta, axis)
     eps = _check_number(eps, "eps", 0.0)
-    mean = _check_channel_vector(mean, "running_mean", C, cdt)
-    var = _check_channel_vector(var, "running_var", C, cdt)
-    inv_std = inv_std_of(var, eps, cdt)  # (C,)
+    mu = _check_channel_vector(mean, "running_mean", C, cdt)
+    sigma2 = _check_channel_vector(var, "running_var", C, cdt)
+    assert mu is not None and sigma2 is not None  # checked: (C,) vectors
+    inv_std = inv_std_of(sigma2, eps, cdt)  # (C,)
     relu = check_act(act)
-    xc = x.astype(cdt, copy=False)
+    xc = xa.astype(cdt, copy=False)
     fast = _kernels(backend, xc)
     if fast is not None:
-        y = fast.inference(xc, mean, inv_std, gamma, beta, axis, act=act)
+        y = fast.inference(xc, mu, inv_std, g0, b0, axis, act=act)
     else:
-        y = _activate(_affine(_normalize(xc, mean, inv_std, bshape), gamma, beta, bshape), relu)
-    g = np.ones(C, cdt) if gamma is None else gamma
-    cache = BNCache(xc, mean, inv_std, g, axis, False, x.dtype, act=act, beta=beta)
-    return y.astype(x.dtype, copy=False), cache
+        y = _activate(_affine(_normalize(xc, mu, inv_std, bshape), g0, b0, bshape), relu)
+    g = np.ones(C, cdt) if g0 is None else g0
+    cache = BNCache(xc, mu, inv_std, g, axis, False, xa.dtype, act=act, beta=b0)
+    return y.astype(xa.dtype, copy=False), cache
 
 
-def inv_std_of(var, eps: float, dtype) -> np.ndarray:
+def inv_std_of(var: ArrayLike, eps: float, dtype) -> np.ndarray:
     """``1 / sqrt(var + eps)``, computed in float64 (or wider) and rounded once to ``dtype``."""
     var = np.asarray(var)
     return _cast(1.0 / np.sqrt(var.astype(_accumulator(var.dtype)) + eps), np.dtype(dtype))
@@ -332,17 +334,17 @@ def update_running_stats(running_mean, running_var, mean, var, m: int, momentum:
 
 
 def batch_norm(
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
+    x: ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
     axis: int = 1,
     backend: str = "auto",
-):
+) -> np.ndarray:
     """Batch normalization with PyTorch's ``torch.nn.functional.batch_norm`` semantics.
 
     In training, normalizes with the batch statistics and, if the buffers are given, updates

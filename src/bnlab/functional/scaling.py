@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._common import (
     _accumulator,
@@ -16,7 +17,9 @@ from ._common import (
 from .batchnorm import _normalize
 
 
-def standardize(x, axis=None, eps: float = 0.0):
+def standardize(
+    x: ArrayLike, axis: int | tuple[int, ...] | None = None, eps: float = 0.0
+) -> np.ndarray:
     """z-score: ``(x - mean) / sqrt(var + eps)`` with the biased variance.
 
     The statistics are accumulated in float64, as everywhere in bnlab (see the module
@@ -46,7 +49,11 @@ def standardize(x, axis=None, eps: float = 0.0):
     return z.astype(x.dtype, copy=False)
 
 
-def minmax_scale(x, axis=None, feature_range=(0, 1)):
+def minmax_scale(
+    x: ArrayLike,
+    axis: int | tuple[int, ...] | None = None,
+    feature_range: tuple[float, float] = (0, 1),
+) -> np.ndarray:
     """Min-max scaling, the other usual preprocessing beside the z-score (:func:`standardize`):
 
         y = (x - min) / (max - min) * (hi - lo) + lo        over ``axis``

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._common import (
     _cast,
@@ -18,7 +20,9 @@ from ._common import (
 )
 
 
-def moments(x, axes, shift=None, keepdims: bool = False):
+def moments(
+    x: ArrayLike, axes: int | Sequence[int], shift: object = None, keepdims: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean and biased variance of ``x`` over ``axes``, as ``tf.nn.moments``.
 
         mean     = 1/m * sum(x)
@@ -64,7 +68,15 @@ def moments(x, axes, shift=None, keepdims: bool = False):
     return _cast(mean, x.dtype), _cast(variance, x.dtype)
 
 
-def batch_normalization(x, mean, variance, offset, scale, variance_epsilon, name=None):
+def batch_normalization(
+    x: ArrayLike,
+    mean: ArrayLike,
+    variance: ArrayLike,
+    offset: ArrayLike | None,
+    scale: ArrayLike | None,
+    variance_epsilon: float,
+    name=None,
+) -> np.ndarray:
     """Normalize ``x`` with given statistics, exactly as ``tf.nn.batch_normalization``.
 
         inv = 1 / sqrt(variance + variance_epsilon)

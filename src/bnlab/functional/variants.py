@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._common import _accumulator, _cast, _channel_axes
 from .batchnorm import (
@@ -16,7 +17,15 @@ from .batchnorm import (
 )
 
 
-def fold_batchnorm_params(weight, bias, running_mean, running_var, gamma, beta, eps: float):
+def fold_batchnorm_params(
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """The weight and bias of a layer ``z = W x + b`` (Linear, or a convolution with output
     channels on W's axis 0) followed by evaluation-mode BN, as one layer:
 
@@ -78,17 +87,17 @@ class RenormCache:
 
 
 def batch_renorm_forward(
-    x,
-    gamma,
-    beta,
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
     eps: float,
     axis: int,
-    renorm_mean,
-    renorm_std,
+    renorm_mean: np.ndarray,
+    renorm_std: np.ndarray,
     rmax: float,
     dmax: float,
     backend: str = "auto",
-):
+) -> tuple[np.ndarray, RenormCache]:
     """Batch renormalization in training (Ioffe 2017):
 
         x_hat = (x - mu_B) / sigma_B          (:func:`batch_norm_forward`, batch statistics)
@@ -115,7 +124,9 @@ def batch_renorm_forward(
     return y.astype(cache.out_dtype, copy=False), RenormCache(cache, r, d, g)
 
 
-def batch_renorm_backward(dy, cache: RenormCache, backend: str = "auto"):
+def batch_renorm_backward(
+    dy: ArrayLike, cache: RenormCache, backend: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dx, dgamma, dbeta of :func:`batch_renorm_forward` (r and d constant):
 
     dx     = BN's dx with gamma * r in place of gamma
@@ -143,9 +154,9 @@ def check_virtual_batch_size(v) -> int:
 
 
 def ghost_batch_norm_forward(
-    x,
-    gamma,
-    beta,
+    x: ArrayLike,
+    gamma: ArrayLike | None,
+    beta: ArrayLike | None,
     eps: float = 1e-5,
     virtual_batch_size: int = 32,
     axis: int = 1,
@@ -173,7 +184,9 @@ def ghost_batch_norm_forward(
     return np.concatenate(ys), caches
 
 
-def ghost_batch_norm_backward(dy, caches, backend: str = "auto"):
+def ghost_batch_norm_backward(
+    dy: ArrayLike, caches: list[BNCache], backend: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dx, dgamma, dbeta of :func:`ghost_batch_norm_forward`: each virtual batch's
     :func:`batch_norm_backward`, parameter gradients summed."""
     dy = np.asarray(dy)
@@ -183,11 +196,10 @@ def ghost_batch_norm_backward(dy, caches, backend: str = "auto"):
     parts = [
         batch_norm_backward(dy[k * v : (k + 1) * v], c, backend) for k, c in enumerate(caches)
     ]
-    return (
-        np.concatenate([p[0] for p in parts]),
-        sum(p[1] for p in parts),
-        sum(p[2] for p in parts),
-    )
+    dgamma, dbeta = parts[0][1], parts[0][2]
+    for p in parts[1:]:  # in order, as a running sum
+        dgamma, dbeta = dgamma + p[1], dbeta + p[2]
+    return np.concatenate([p[0] for p in parts]), dgamma, dbeta
 
 
 def ghost_statistics(caches):

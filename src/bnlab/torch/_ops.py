@@ -199,7 +199,12 @@ def _own(t: Tensor) -> np.ndarray:
 
 
 def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
-    return None if t is None else _view(t.detach().contiguous())
+    return None if t is None else _arr(t)
+
+
+def _arr(t: Tensor) -> np.ndarray:
+    """A (C,) tensor (contiguous float32/float64 CPU) as NumPy, without a copy where it can."""
+    return _view(t.detach().contiguous())
 
 
 def _numba():
@@ -247,7 +252,7 @@ def eval_impl(
     fmt = memory_format(x)
     xv, axis = _as_numpy(x, fmt)
     y, yv = _output(x, fmt)
-    inv_std = F.inv_std_of(_vec(var), eps, np.float64)
+    inv_std = F.inv_std_of(_arr(var), eps, np.float64)
     mean = mean.detach().to(_F64, copy=True)
     _numba().inference(
         xv, mean.numpy(), inv_std, _vec(weight), _vec(bias), axis, out=yv, threads=_threads()
@@ -641,7 +646,7 @@ class EvalFunction(torch.autograd.Function):
 def _given_stats(mean: Tensor, var: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Evaluation's statistics for the numba passes: float64 copies of mean and
     1 / sqrt(var + eps)."""
-    inv_std = torch.from_numpy(F.inv_std_of(_vec(var), eps, np.float64))
+    inv_std = torch.from_numpy(F.inv_std_of(_arr(var), eps, np.float64))
     return mean.detach().to(_F64, copy=True), inv_std
 
 

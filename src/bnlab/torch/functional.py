@@ -192,16 +192,16 @@ def run(
 
 
 def batch_norm(
-    input,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
-    backend="auto",
-):
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> torch.Tensor:
     """``torch.nn.functional.batch_norm`` with bnlab's kernels (module docstring: which path).
 
         y = (x - mean) / sqrt(var + eps) * weight + bias
