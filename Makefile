@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test check lint types docs docs-strict check-wheel clean
+.PHONY: demo test lesson check lint types docs docs-strict check-wheel clean
 
 $(VENV)/.installed-demo: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(VENV)/.installed-test: pyproject.toml
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/bnlab compare --out runs/demo
+
+# the lesson's notebooks into ./lesson, with Jupyter and PyTorch (notebook 5) in .venv
+lesson: $(VENV)/.installed-demo
+	$(PY) -m pip install --quiet jupyterlab "torch==2.13.0"
+	$(VENV)/bin/bnlab lesson --out lesson
+	@echo "open them: $(VENV)/bin/jupyter lab lesson"
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
@@ -39,6 +45,7 @@ types: $(VENV)/.installed-test
 # the API site, offline, into site/ (open site/index.html)
 docs: $(VENV)/.installed-test
 	$(PY) tools/import_graph.py --svg docs/architecture-imports.svg
+	$(PY) tools/build_notebooks.py --pages docs/lesson
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --quiet
 
 # the same, failing on any warning (a broken reference, a missing page): what CI runs
@@ -49,4 +56,4 @@ check-wheel: $(VENV)/.installed-test
 	$(PY) tools/check_wheel.py --work build/wheel-check
 
 clean:
-	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache .ruff_cache .mypy_cache .cache

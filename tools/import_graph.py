@@ -10,7 +10,8 @@ and the ones below it, never one above):
     torch        bnlab.torch (torch modules on the same math and kernels), and
                  bnlab.kernels.triton_bn (the GPU kernels, which take torch tensors)
     lab          bnlab.data, bnlab.train, bnlab.report, bnlab.bench, bnlab.bench_gpu,
-                 bnlab.experiments, bnlab.explain (data, training, plots, experiments)
+                 bnlab.experiments, bnlab.explain, bnlab.exercises (data, training, plots,
+                 experiments, the lesson's grader)
     cli          bnlab.cli, bnlab.__main__ (the command), bnlab (the package's front door)
 
     .venv/bin/python tools/import_graph.py --svg docs/architecture-imports.svg
@@ -40,7 +41,7 @@ _PREFIXES = (  # (module prefix, layer), longest prefix first
     ("bnlab.torch", "torch"),
     ("bnlab.data", "lab"), ("bnlab.train", "lab"), ("bnlab.report", "lab"),
     ("bnlab.bench_gpu", "lab"), ("bnlab.bench", "lab"), ("bnlab.experiments", "lab"),
-    ("bnlab.explain", "lab"),
+    ("bnlab.explain", "lab"), ("bnlab.exercises", "lab"),
     ("bnlab.cli", "cli"), ("bnlab.__main__", "cli"),
 )
 

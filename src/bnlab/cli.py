@@ -280,6 +280,31 @@ def _cmd_explain(args) -> int:
     return 0
 
 
+def _cmd_lesson(args) -> int:
+    """Copy the lesson's notebooks (package data) into --out, never over a learner's work."""
+    import shutil
+    from pathlib import Path
+
+    source = Path(__file__).parent / "lesson"
+    notebooks = sorted(source.glob("*.ipynb"))
+    out = Path(args.out)
+    taken = [out / nb.name for nb in notebooks if (out / nb.name).exists()]
+    if taken and not args.force:
+        raise FileExistsError(
+            f"{taken[0]} exists (your work?): choose another --out, or --force to overwrite"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        tmp = out / (nb.name + ".tmp")
+        shutil.copyfile(nb, tmp)
+        tmp.replace(out / nb.name)  # atomically
+    print(f"{len(notebooks)} notebooks in {out}/: " + ", ".join(nb.name for nb in notebooks))
+    print("Open them with Jupyter (pip install jupyterlab if you have none):")
+    print(f"    jupyter lab {out}")
+    print("Each exercise is graded in the notebook (bnlab.exercises): run its check cell.")
+    return 0
+
+
 def _cmd_bench_gpu(args) -> int:
     from . import bench_gpu
 
@@ -687,6 +712,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser(
+        "lesson",
+        help="the lesson's notebooks, with graded exercises, into a folder",
+        description="Copy the lesson's five notebooks (why normalize, the four steps, the "
+        "backward, where BN goes, BN in PyTorch) into a folder, and say how to open them.",
+    )
+    p.add_argument("--out", default="bnlab-lesson", help="folder (default ./bnlab-lesson)")
+    p.add_argument("--force", action="store_true", help="overwrite notebooks already there")
+    p.set_defaults(func=_cmd_lesson)
+
+    p = sub.add_parser(
         "explain",
         help="BN's four steps as an interactive page",
         description="Write explain.html: BN's four steps on a real mini-batch "
@@ -765,7 +800,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # bnlab's own errors say what was expected and what came: one line, unless the
         # traceback is asked for (--debug or BNLAB_DEBUG=1)
         if args.debug or os.environ.get("BNLAB_DEBUG", "") not in ("", "0"):
