@@ -112,10 +112,12 @@ def _cmd_steps(args) -> int:
 def _cmd_train(args) -> int:
     from .experiments import single
 
-    if args.engine == "numpy" and (args.device != "cpu" or args.nproc != 1):
+    if args.engine == "numpy" and (
+        args.device != "cpu" or args.nproc != 1 or args.accumulate != 1
+    ):
         raise ValueError(
-            "--device and --nproc need --engine torch (the NumPy engine runs in "
-            "one process on the CPU)"
+            "--device, --nproc and --accumulate need --engine torch (the NumPy engine runs "
+            "in one process on the CPU, one batch per step)"
         )
     config = single.TrainConfig(
         model=args.model,
@@ -132,6 +134,7 @@ def _cmd_train(args) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
         eval_every=args.eval_every,
+        accumulate=args.accumulate,
     )
     if args.engine == "torch":
         from .experiments import torch_train
@@ -790,6 +793,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="--engine torch: data-parallel processes on this machine, with "
         "synchronized BN (default 1; under torchrun, torchrun's count)",
+    )
+    p.add_argument(
+        "--accumulate",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="--engine torch: gradient accumulation, each optimizer step over K "
+        "micro-batches of batch-size/K; BN's running statistics are updated once per step "
+        "from the pooled micro-batches (bnlab.torch.accumulating). Default 1",
     )
     _add_training_options(p, TrainConfig())
     p.set_defaults(func=_cmd_train)

@@ -26,6 +26,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     eval_every: int | None = None
+    accumulate: int = 1  # --engine torch: micro-batches per optimizer step
 
 
 def build_model(config: TrainConfig, data):

@@ -16,6 +16,7 @@ report.md and checkpoint.npz (loadable by ``bnlab.models``), with a progress bar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -175,6 +176,14 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
         raise ValueError(f"batch_size {B} is larger than the training split ({len(labels)})")
     if B < world:
         raise ValueError(f"batch_size {B} cannot be cut into {world} slices")
+    K = config.accumulate
+    if K > 1 and world > 1:
+        raise ValueError(
+            "--accumulate with more than one process is not supported: SyncBatchNorm's "
+            "statistics are pooled across ranks in its forward"
+        )
+    if B % K:
+        raise ValueError(f"--batch-size {B} is not a multiple of --accumulate {K}")
     per_epoch = len(labels) // B
     total = config.steps if config.steps is not None else config.epochs * per_epoch
     eval_every = config.eval_every or per_epoch
@@ -197,35 +206,52 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
     hist = History()
     net.train()
     start = time.perf_counter()
-    for step, (xb, yb) in zip(range(1, total + 1), batches()):
-        x = torch.from_numpy(xb[lo:hi]).to(device)
-        y = torch.from_numpy(yb[lo:hi]).long().to(device)
-        logits = model(x)
-        loss_sum = F.cross_entropy(logits, y, reduction="sum")
-        opt.zero_grad()
-        (loss_sum * (world / B)).backward()  # DDP averages: the global batch's mean
-        opt.step()
-        stats = torch.stack([loss_sum.detach().double(), (logits.argmax(1) == y).sum().double()])
-        if world > 1:
-            dist.all_reduce(stats)
-        loss, accuracy = float(stats[0]) / B, float(stats[1]) / B
-        hist.step.append(step)
-        hist.loss.append(loss if np.isfinite(loss) else float("nan"))
-        hist.accuracy.append(accuracy)
-        if not np.isfinite(loss):  # the same global value on every rank: all stop
-            hist.diverged = True
-            break
-        if rank == 0 and (step % eval_every == 0 or step == total):
-            ev = _evaluate(net, *data.test, device)
-            hist.record_eval(step, ev)
-            bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
-        bar.update(1)
+    pooled = bt.accumulating(net, K) if K > 1 else contextlib.nullcontext()
+    with pooled:
+        for step, (xb, yb) in zip(range(1, total + 1), batches()):
+            x = torch.from_numpy(xb[lo:hi]).to(device)
+            y = torch.from_numpy(yb[lo:hi]).long().to(device)
+            opt.zero_grad()
+            stats = torch.zeros(2, dtype=torch.float64)
+            for xm, ym in zip(x.chunk(K), y.chunk(K)):  # micro-batches (K = 1: the batch)
+                logits = model(xm)
+                loss_sum = F.cross_entropy(logits, ym, reduction="sum")
+                (loss_sum * (world / B)).backward()  # DDP averages: the global batch's mean
+                stats += torch.stack(
+                    [
+                        loss_sum.detach().double().cpu(),
+                        (logits.argmax(1) == ym).sum().double().cpu(),
+                    ]
+                )
+            opt.step()
+            if not _record(hist, step, stats, world, B, dist):
+                break
+            if rank == 0 and (step % eval_every == 0 or step == total):
+                ev = _evaluate(net, *data.test, device)
+                hist.record_eval(step, ev)
+                bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+            bar.update(1)
     bar.close()
     hist.seconds = time.perf_counter() - start
     results = _write_run(rank, world, config, folder, device, data, ref, net, hist)
     if world > 1:
         dist.barrier()  # nobody leaves the process group while rank 0 still writes
     return results
+
+
+def _record(hist, step, stats, world, B, dist) -> bool:
+    """The step's global loss and accuracy into ``hist``; False when the loss is not
+    finite (the same global value on every rank: all stop)."""
+    if world > 1:
+        dist.all_reduce(stats)
+    loss, accuracy = float(stats[0]) / B, float(stats[1]) / B
+    hist.step.append(step)
+    hist.loss.append(loss if np.isfinite(loss) else float("nan"))
+    hist.accuracy.append(accuracy)
+    if not np.isfinite(loss):
+        hist.diverged = True
+        return False
+    return True
 
 
 def _write_run(rank, world, config, folder, device, data, ref, net, hist) -> dict:

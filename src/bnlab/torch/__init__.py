@@ -8,6 +8,8 @@
   :class:`BatchRenorm1d`/``2d``, :class:`BatchNormAct2d`, :class:`BatchNormAddAct2d`,
   :class:`FrozenBatchNorm2d` and :func:`freeze`, :func:`fold_batchnorm`, :func:`recalibrate`.
 * :func:`batch_norm`: ``torch.nn.functional.batch_norm`` with ``backend=``.
+* :func:`accumulating`: gradient accumulation's running statistics; :func:`recalibrate`
+  across ranks (:mod:`bnlab.torch.pooling`).
 * :func:`convert` / :func:`revert`; :func:`fuse` (BN -> ReLU, BN -> add -> ReLU into one
   module each); :mod:`bnlab.torch.models`.
 
@@ -27,6 +29,7 @@ from .convert import convert, revert
 from .doctor import doctor
 from .functional import BACKENDS, batch_norm
 from .fuse import fuse
+from .pooling import accumulating
 from .sync import SyncBatchNorm
 from .variants import (
     BatchNormAct2d,
@@ -54,6 +57,7 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "SyncBatchNorm",
+    "accumulating",
     "batch_norm",
     "convert",
     "doctor",

@@ -114,6 +114,10 @@ class _BatchNorm(_Host):
         engine.check_eps(self.eps, bn_training)
         if mask is not None:
             mask = _check_mask(mask, input) if bn_training else None
+        pool = getattr(self, "_bn_pool", None)  # bnlab.torch.pooling: accumulate, recalibrate
+        if pool is not None and self.training and nbt is not None:
+            pool.add(self, input, mask)  # the pool updates the running statistics
+            running_mean = running_var = nbt = None
         name = engine.select(
             self.backend,
             input,

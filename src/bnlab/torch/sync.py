@@ -182,7 +182,10 @@ class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
         no_mask(self, mask)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        if not (self.training and _group_size(self.process_group) > 1):
+        if (
+            not (self.training and _group_size(self.process_group) > 1)
+            or getattr(self, "_bn_pool", None) is not None
+        ):  # recalibrate: each rank's own
             return super()._forward(input)
         group = self.process_group
         _check_ranks(input, group)  # every call: any rank may change (module docstring)

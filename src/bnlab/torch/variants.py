@@ -250,7 +250,8 @@ class BatchNormAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
         name = engine.select(
             self.backend, input, (rm, rv, self.weight, self.bias), training=bn_training
         )
-        if name not in _ops.ENGINES or torch.compiler.is_compiling():
+        pooled = getattr(self, "_bn_pool", None) is not None  # BN's path pools (pooling.py)
+        if name not in _ops.ENGINES or torch.compiler.is_compiling() or pooled:
             return self._scripted_act(super()._forward(input))
         if bn_training:
             engine.verify_batch_size(input)
@@ -307,27 +308,14 @@ class BatchNormAddAct2d(_Activated, _BatchNorm, torch.nn.BatchNorm2d):
         fused = (
             name in _ops.ENGINES
             and not torch.compiler.is_compiling()
+            and getattr(self, "_bn_pool", None) is None  # BN's path pools (pooling.py)
             and isinstance(residual, torch.Tensor)
             and residual.shape == input.shape
             and residual.dtype == input.dtype
             and residual.device == input.device
         )
-        if not fused:
-            return self._add_act(
-                F.run(
-                    name,
-                    input,
-                    rm,
-                    rv,
-                    self.weight,
-                    self.bias,
-                    bn_training,
-                    momentum,
-                    self.eps,
-                    nbt,
-                ),
-                residual,
-            )
+        if not fused:  # BN's own path (the engine, pooling), then + and the activation
+            return self._add_act(_BatchNorm._forward(self, input), residual)
         return _ops.AddActFunction.apply(
             input,
             residual,
@@ -450,11 +438,25 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
 # --- recalibration ----------------------------------------------------------------------------
 
 
-def recalibrate(model: torch.nn.Module, batches) -> torch.nn.Module:
+def recalibrate(model: torch.nn.Module, batches, process_group=None) -> torch.nn.Module:
     """Precise BN, with ``torch.optim.swa_utils.update_bn``'s semantics: reset every BN
     layer's running statistics and recompute them as the exact average over ``batches``
     (inputs, or (input, target) pairs; no gradients), then restore each layer's momentum
-    and the model's train/eval mode. Returns the model."""
+    and the model's train/eval mode. Returns the model.
+
+    With ``process_group`` given, or torch.distributed initialized with more than one rank:
+    every rank runs its own ``batches`` (any number) and ends with the same statistics, those
+    one process would compute over the union of all ranks' batches (each batch's mean and
+    unbiased variance, every batch weighted equally): :func:`bnlab.torch.pooling.
+    recalibrate_across`, bnlab's BN layers only (``convert`` first). Call it on every rank."""
+    import torch.distributed as dist
+
+    if process_group is not None or (
+        dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    ):
+        from .pooling import recalibrate_across
+
+        return recalibrate_across(model, batches, process_group)
     bns = [m for m in model.modules() if isinstance(m, _TorchBatchNorm) and m.track_running_stats]
     with torch.no_grad():
         return BF.recalibrate_layers(model, bns, batches, lambda bn: bn.reset_running_stats())

@@ -1,0 +1,137 @@
+"""Running statistics from pooled batch statistics: bnlab.torch.accumulating (gradient
+accumulation) against torch's BN on one batch of K*b, and bnlab.torch.recalibrate across
+ranks (gloo on 127.0.0.1, bounded waits) against one process's recalibrate over the union
+of the ranks' batches."""
+
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import bnlab.torch as bt  # noqa: E402
+from bnlab.torch import distributed  # noqa: E402
+
+K, B = 4, 5
+MODULES = {  # name: (factory(C, momentum, dtype), torch's class, sample shape)
+    "BatchNorm1d": (lambda C, m, d: bt.BatchNorm1d(C, momentum=m, dtype=d),
+                    torch.nn.BatchNorm1d, (6,)),
+    "BatchNorm2d": (lambda C, m, d: bt.BatchNorm2d(C, momentum=m, dtype=d),
+                    torch.nn.BatchNorm2d, (3, 4, 4)),
+    "BatchNorm3d": (lambda C, m, d: bt.BatchNorm3d(C, momentum=m, dtype=d),
+                    torch.nn.BatchNorm3d, (2, 2, 3, 3)),
+    "BatchNormAct2d": (lambda C, m, d: bt.BatchNormAct2d(C, momentum=m, dtype=d),
+                       torch.nn.BatchNorm2d, (3, 4, 4)),
+    "SyncBatchNorm (no group)": (lambda C, m, d: bt.SyncBatchNorm(C, momentum=m, dtype=d),
+                                 torch.nn.BatchNorm2d, (3, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba", "reference", "native", "triton"])
+@pytest.mark.parametrize("kind", MODULES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_accumulating_equals_one_batch_of_k_times_b(kind, backend, momentum):
+    factory, torch_cls, shape = MODULES[kind]
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    ours, ref = factory(shape[0], momentum, dtype), torch_cls(shape[0], momentum=momentum,
+                                                              dtype=dtype)
+    ours.backend = backend
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        xs = [(3 + 2 * torch.randn(B, *shape, generator=g, dtype=torch.float64)).to(dtype)
+              for _ in range(K)]
+        with bt.accumulating(ours, steps=K):
+            for x in xs:
+                y = ours(x)
+                # each micro-batch is still normalized by its own statistics
+                want = torch.nn.functional.batch_norm(x, None, None, ours.weight, ours.bias,
+                                                      True, 0.0, ours.eps)
+                if kind == "BatchNormAct2d":
+                    want = torch.relu(want)
+                torch.testing.assert_close(y, want, **tol)
+        ref(torch.cat(xs))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(ours.running_var, ref.running_var, **tol)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 3
+    assert not hasattr(ours, "_bn_pool")  # outside the block: ordinary behaviour
+    ours(xs[0])
+    assert int(ours.num_batches_tracked) == 4
+
+
+def test_accumulating_in_a_model_leftovers_and_errors():
+    torch.manual_seed(0)
+    model = bt.convert(bt.models.seed_cnn()).double()
+    ref = bt.revert(bt.convert(bt.models.seed_cnn())).double()
+    ref.load_state_dict(model.state_dict())
+    xs = [torch.rand(4, 1, 28, 28, dtype=torch.float64) for _ in range(6)]
+    with bt.accumulating(model, steps=4):  # 6 micro-batches: one update of 4, then of 2
+        for x in xs:
+            model(x)
+    with torch.no_grad():
+        ref(torch.cat(xs[:4]))
+        ref(torch.cat(xs[4:]))
+    # the first BN sees the same inputs either way; a deeper one does not (its inputs were
+    # normalized per micro-batch: what accumulation cannot change), but it counts the same
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        if k.startswith("1.") or "num_batches" in k:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)
+    with pytest.raises(TypeError, match=r"convert\(model\) first"):
+        with bt.accumulating(bt.models.seed_cnn(), steps=2):
+            pass
+    with pytest.raises(TypeError, match="GhostBatchNorm2d"):
+        with bt.accumulating(torch.nn.Sequential(bt.GhostBatchNorm2d(3, 2)), steps=2):
+            pass
+    with pytest.raises(ValueError, match="positive integer"):
+        with bt.accumulating(model, steps=0):
+            pass
+
+
+def test_a_nan_micro_batch_leaves_the_running_statistics_as_they_were():
+    bn = bt.BatchNorm2d(3, dtype=torch.float64)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    bad = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    bad[0, 0, 0, 0] = float("nan")
+    with bt.accumulating(bn, steps=2):
+        bn(torch.randn(4, 3, 2, 2, dtype=torch.float64))
+        bn(bad)
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# --- recalibrate across ranks ------------------------------------------------------------------
+
+RANK_BATCHES = [5, 3, 0]
+
+
+def _batches(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [2 + torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64)
+            for _ in range(RANK_BATCHES[rank])]
+
+
+def _model():
+    torch.manual_seed(0)
+    return bt.convert(bt.models.seed_cnn(), sync=True).double()
+
+
+def _recalibrate_worker(rank, world, out_dir):
+    torch.set_num_threads(1)
+    model = _model()
+    model.eval()
+    bt.recalibrate(model, _batches(rank))
+    assert not model.training  # the mode restored
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_recalibrate_across_ranks_equals_one_process_over_all_batches(tmp_path):
+    distributed.launch(_recalibrate_worker, len(RANK_BATCHES), args=(str(tmp_path),),
+                       timeout=60)
+    one = _model()
+    everything = [b for r in range(len(RANK_BATCHES)) for b in _batches(r)]
+    bt.recalibrate(one, everything)  # no process group here: one process's precise BN
+    assert int(one[1].num_batches_tracked) == sum(RANK_BATCHES)
+    for r in range(len(RANK_BATCHES)):
+        state = torch.load(tmp_path / f"rank{r}.pt")
+        for k, v in one.state_dict().items():
+            torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-12, msg=f"{r} {k}")
