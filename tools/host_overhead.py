@@ -7,7 +7,6 @@ nothing: a BatchNorm1d(16) training step (forward + backward) and an evaluation 
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from bnlab.bench import write_json
+    from bnlab.bench import report_json
     import bnlab.torch as bt
 
     torch.set_num_threads(2)
@@ -51,10 +50,7 @@ def main(argv=None) -> int:
     import bnlab
     result = {"bnlab": str(Path(bnlab.__file__).parent), "torch": torch.__version__,
               "calls": args.calls, "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(result, args.json)  # atomically
-    return 0
+    return report_json(result, args.json)  # printed, and written atomically
 
 
 if __name__ == "__main__":

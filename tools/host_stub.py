@@ -14,7 +14,6 @@ float32; fastest and median of interleaved rounds.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -76,14 +75,11 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     stub_kernels()
-    from bnlab.bench import write_json
+    from bnlab.bench import report_json
 
     result = {"torch": torch.__version__, "calls": args.calls, "shape": [8, 16, 4, 4],
               "rows": measure(args.calls)}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(result, args.json)  # atomically
-    return 0
+    return report_json(result, args.json)  # printed, and written atomically
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ step takes (minor faults of the process).
 """
 
 import argparse
-import json
 import random
 import resource
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import bnlab.torch as bt  # noqa: E402
-from bnlab.bench import write_json  # noqa: E402
+from bnlab.bench import report_json  # noqa: E402
 from bnlab.torch import _ops  # noqa: E402
 
 _TORCH = _ops._output
@@ -79,10 +78,7 @@ def main(argv=None) -> int:
                                                              np.median(times["numpy"]))
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(),
               "rounds": args.rounds, "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(result, args.json)  # atomically
-    return 0
+    return report_json(result, args.json)  # printed, and written atomically
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--json")
     args = p.parse_args(argv)
-    from bnlab.bench import write_json
+    from bnlab.bench import report_json
     import torch
 
     from bnlab.torch import distributed
@@ -65,10 +65,7 @@ def main(argv=None) -> int:
         rows = json.loads(out.read_text())
     result = {"torch": torch.__version__, "backend": "gloo", "processes": 2,
               "threads_per_process": 1, "steps": args.steps, "rows": rows}
-    print(json.dumps(result, indent=1))
-    if args.json:
-        write_json(result, args.json)  # atomically
-    return 0
+    return report_json(result, args.json)  # printed, and written atomically
 
 
 if __name__ == "__main__":

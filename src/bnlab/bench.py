@@ -411,3 +411,12 @@ def write_json(result: dict, path) -> None:
 
     text = json.dumps(result, indent=1)
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def report_json(result: dict, path=None) -> int:
+    """A measuring tool's ending: print ``result`` as JSON, write it to ``path`` (if given,
+    atomically), exit status 0."""
+    print(json.dumps(result, indent=1))
+    if path:
+        write_json(result, path)
+    return 0

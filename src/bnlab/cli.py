@@ -139,6 +139,11 @@ def _cmd_train(args) -> int:
     if args.engine == "torch":
         from .experiments import torch_train
 
+        if args.resume is not None or args.checkpoint_every is not None:
+            raise ValueError(
+                "--resume and --checkpoint-every are implemented for --engine numpy; the "
+                "torch engine writes its checkpoint at the end only, for now"
+            )
         torch_train.run(
             config,
             out=args.out,
@@ -148,7 +153,16 @@ def _cmd_train(args) -> int:
             progress=not args.no_progress,
         )
         return 0
-    single.run(config, out=args.out, init_from=args.init_from, progress=not args.no_progress)
+    if args.resume is not None and args.init_from is not None:
+        raise ValueError("--resume continues a run; --init-from starts a new one: not both")
+    single.run(
+        config,
+        out=args.out,
+        init_from=args.init_from,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
     return 0
 
 
@@ -793,6 +807,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="--engine torch: data-parallel processes on this machine, with "
         "synchronized BN (default 1; under torchrun, torchrun's count)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="write a resumable checkpoint (RUN_DIR/resume.npz, atomically) every N steps "
+        "(default: about once a minute of training)",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint, with its configuration "
+        "(the training options given here are ignored); it ends as the uninterrupted run "
+        "would (--engine numpy)",
     )
     p.add_argument(
         "--accumulate",

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 
 from . import kernels, nn
-from .data import Dataset, iterate_batches
+from .data import BatchStream, Dataset, iterate_batches
 from .extras import need
 
 OPTIMIZERS = ("sgd", "adam")
@@ -108,6 +108,9 @@ def fit(
     progress: bool = True,
     desc: str | None = None,
     callback: Callable[[int, nn.Module], None] | None = None,
+    checkpoint: Callable[[dict], None] | None = None,
+    checkpoint_every: int | None = None,
+    resume: dict | None = None,
 ) -> History:
     """Train ``model`` on ``data.train`` with cross-entropy; return a :class:`History`.
 
@@ -122,6 +125,12 @@ def fit(
             default once per epoch.
         progress: show a tqdm progress bar; desc labels it.
         callback: called as ``callback(step, model)`` after every update (for probes).
+        checkpoint: called as ``checkpoint(state)`` every ``checkpoint_every`` steps (default:
+            about once a minute of training) with what a resumed run needs besides the
+            model and the optimizer (:func:`save_checkpoint` writes those): the step, the
+            history, where the batch stream is, the dropout generators.
+        resume: such a state (with the model and optimizer already loaded): training goes
+            on from its step and ends exactly as the uninterrupted run would.
 
     A NaN or inf loss (or NaN batch statistics) stops training with ``diverged=True``.
     """
@@ -134,27 +143,49 @@ def fit(
         raise ValueError("nothing to train: epochs and steps must be positive")
     eval_every = int(eval_every or per_epoch)
     rng = np.random.default_rng(seed)
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.Dropout):
-            mod.rng = np.random.default_rng(rng.integers(2**63))
+    dropouts = [mod for _, mod in model.named_modules() if isinstance(mod, nn.Dropout)]
+    for mod in dropouts:
+        mod.rng = np.random.default_rng(rng.integers(2**63))
     opt = make_optimizer(optimizer, model.parameters(), lr, momentum, weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     hist = History()
+    stream = BatchStream(*data.train, batch_size, rng)
+    first = 1
+    if resume is not None:
+        first = int(resume["step"]) + 1
+        hist = History(**resume["history"])
+        stream.restore(resume["stream"])
+        for mod, state in zip(dropouts, resume["dropout"]):
+            mod.rng.bit_generator.state = state
+        if "optimizer" in resume:
+            opt.load_state_dict(resume["optimizer"])
+    last_save = time.perf_counter()
+    elapsed = hist.seconds  # training time before a resume
 
-    def batches():
-        while True:
-            yield from iterate_batches(
-                *data.train, batch_size, shuffle=True, drop_last=True, rng=rng
-            )
+    def save(step: int, write=checkpoint) -> None:
+        if write is None:
+            return
+        hist.seconds = elapsed + time.perf_counter() - start
+        write(
+            {
+                "step": step,
+                "history": hist.to_dict(),
+                "stream": stream.state(),
+                "dropout": [mod.rng.bit_generator.state for mod in dropouts],
+                "optimizer": opt.state_dict(),
+            }
+        )
 
     tqdm = need("tqdm.auto", "the progress bar").tqdm
 
-    bar = tqdm(total=total, desc=desc, disable=not progress, unit="step", leave=False)
+    bar = tqdm(
+        total=total, initial=first - 1, desc=desc, disable=not progress, unit="step", leave=False
+    )
     model.train()
     start = time.perf_counter()
     # BN kernels on one thread: here they sit between multi-threaded GEMMs (kernels/)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), kernels.num_threads(1):
-        for step, (xb, yb) in zip(range(1, total + 1), batches()):
+        for step, (xb, yb) in zip(range(first, total + 1), stream):
             opt.zero_grad()
             try:
                 logits = model(xb)
@@ -178,17 +209,26 @@ def fit(
                 ev = evaluate(model, data)
                 hist.record_eval(step, ev)
                 bar.set_postfix(loss=f"{loss:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+            due = (
+                (step % checkpoint_every == 0)
+                if checkpoint_every
+                else time.perf_counter() - last_save >= CHECKPOINT_SECONDS
+            )
+            if checkpoint is not None and due and step < total:
+                save(step)
+                last_save = time.perf_counter()
             bar.update(1)
     bar.close()
     if hist.diverged:  # record where it ended: a diverged net scores as it stands
         hist.record_eval(hist.step[-1], evaluate(model, data))
-    hist.seconds = time.perf_counter() - start
+    hist.seconds = elapsed + time.perf_counter() - start
     return hist
 
 
 # --- checkpoints ---------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "bnlab-checkpoint-1"
+CHECKPOINT_SECONDS = 60.0  # the default interval of resumable checkpoints during training
 
 
 class CheckpointError(RuntimeError):

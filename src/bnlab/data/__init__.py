@@ -4,7 +4,7 @@
 splits of ``(images, labels)``: images float32 NCHW scaled to [0, 1], labels int64.
 """
 
-from .batches import iterate_batches
+from .batches import BatchStream, iterate_batches
 from .datasets import DATASETS, Dataset, DatasetError, load
 from .files import read_cifar10_tarball, read_idx
 
@@ -12,6 +12,7 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetError",
+    "BatchStream",
     "iterate_batches",
     "load",
     "read_cifar10_tarball",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .. import data as datasets
 from .. import models, report
-from ..train import fit, load_checkpoint, save_checkpoint
+from ..train import fit, load_checkpoint, read_checkpoint, save_checkpoint
 from .runs import environment, run_dir, write_json
 
 
@@ -51,12 +52,63 @@ def build_model(config: TrainConfig, data):
     raise ValueError(f'model must be "cnn" or "mlp", got {config.model!r}')
 
 
-def run(config: TrainConfig, out=None, init_from=None, progress=True, print_fn=print) -> dict:
+class _OptimizerState:
+    """What save_checkpoint asks of an optimizer: its state dict."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
+RESUME = "resume.npz"  # the resumable checkpoint in a run folder
+
+
+def run(
+    config: TrainConfig,
+    out=None,
+    init_from=None,
+    progress=True,
+    print_fn=print,
+    checkpoint_every: int | None = None,
+    resume=None,
+) -> dict:
+    """Train one network (NumPy engine) into a run folder. During training a resumable
+    checkpoint (model, optimizer, step, history, batch stream, generators) is written
+    atomically to ``RUN_DIR/resume.npz`` every ``checkpoint_every`` steps (default: about
+    once a minute); ``resume=RUN_DIR`` continues that run from it, with its configuration,
+    and ends as the uninterrupted run would (``results.json`` lists ``resumed_from``)."""
+    resumed_from: list[int] = []
+    state = None
+    if resume is not None:
+        folder = Path(resume)
+        model_state, optim_state, meta = read_checkpoint(folder / RESUME)
+        config = TrainConfig(**meta["config"])
+        state = {**meta["resume"], "optimizer": optim_state}
+        resumed_from = [*meta.get("resumed_from", []), int(state["step"])]
+        print_fn(f"resuming {folder} after step {state['step']}")
+    else:
+        folder = run_dir(out, "train")
     data = datasets.load(config.dataset)
     model = build_model(config, data)
-    if init_from is not None:
+    if state is not None:
+        model.load_state_dict(model_state)
+    elif init_from is not None:
         meta = load_checkpoint(init_from, model)
         print_fn(f"initialized from {init_from} (saved after step {meta.get('step')})")
+
+    def checkpoint(resume_state: dict) -> None:
+        optimizer = _OptimizerState(resume_state.pop("optimizer"))
+        save_checkpoint(
+            folder / RESUME,
+            model,
+            optimizer,
+            config=asdict(config),
+            resume=resume_state,
+            resumed_from=resumed_from,
+        )
+
     hist = fit(
         model,
         data,
@@ -71,8 +123,10 @@ def run(config: TrainConfig, out=None, init_from=None, progress=True, print_fn=p
         eval_every=config.eval_every,
         progress=progress,
         desc=f"{config.model}, {'with' if config.bn else 'without'} BN",
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=state,
     )
-    folder = run_dir(out, "train")
     name = "bn" if config.bn else "plain"
     results = {
         "experiment": "train",
@@ -81,6 +135,7 @@ def run(config: TrainConfig, out=None, init_from=None, progress=True, print_fn=p
         "title": f"{config.model.upper()} on {data.name}",
         "runs": {name: hist.to_dict()},
         "environment": environment(),
+        "resumed_from": resumed_from,
     }
     write_json(folder / "results.json", results)
     report.write_report(results, folder)

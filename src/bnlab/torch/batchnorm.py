@@ -34,6 +34,7 @@ class _BatchNorm(_Host):
     """
 
     backend = "auto"
+    pools_statistics = True  # a batch's statistics are its own (bnlab.torch.pooling)
 
     def _bn_args(self):
         """(training with batch statistics, running_mean, running_var, num_batches_tracked,

@@ -91,15 +91,11 @@ def pooled_layers(model: torch.nn.Module, what: str) -> list[tuple[str, Any]]:
     """bnlab's BN layers of ``model`` that keep running statistics; a TypeError naming a BN
     layer that cannot pool (torch's own class: convert first; ghost batches and batch
     renormalization, whose statistics are not one batch's)."""
-    from .variants import BatchRenorm1d, BatchRenorm2d, GhostBatchNorm1d, GhostBatchNorm2d
-
     layers = []
     for name, m in model.named_modules():
         if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm) or not m.track_running_stats:
             continue
-        if isinstance(
-            m, (GhostBatchNorm1d, GhostBatchNorm2d, BatchRenorm1d, BatchRenorm2d)
-        ) or not isinstance(m, _BatchNorm):
+        if not getattr(m, "pools_statistics", False):  # bnlab's own, one batch's statistics
             raise TypeError(
                 f"{what} pools BN statistics in bnlab's BatchNorm1d/2d/3d, SyncBatchNorm, "
                 f"BatchNormAct2d and BatchNormAddAct2d; {name or 'the model'} is "

@@ -56,6 +56,8 @@ class _Ghost(PythonOnly):
     :class:`bnlab.nn.GhostBatchNorm2d`'s docstring). Evaluation uses the running
     statistics."""
 
+    pools_statistics = False  # virtual batches / corrected statistics
+
     def __init__(
         self,
         num_features,
@@ -125,6 +127,8 @@ class _Renorm(PythonOnly):
     :class:`bnlab.nn.BatchRenorm2d`'s. x_hat comes from bnlab's kernels (differentiable);
     r and d from :func:`bnlab.functional.renorm_correction` (constants);
     ``y = x_hat * (weight * r) + (weight * d + bias)``."""
+
+    pools_statistics = False  # virtual batches / corrected statistics
 
     renorm_mean: torch.Tensor
     renorm_std: torch.Tensor
