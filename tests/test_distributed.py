@@ -308,6 +308,32 @@ def test_train_under_torchrun(tmp_path):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["world_size"] == 2
 
 
+def test_train_on_two_nodes_with_c10d_rendezvous(tmp_path):
+    """Two torchrun launches as two "nodes" on 127.0.0.1 (--nnodes 2, one process each, a
+    c10d rendezvous), as a cluster runs it: the same numbers as --nproc 2."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    port = distributed.free_port()
+    nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "bnlab-test",
+                               "-m", "bnlab.cli", *TRAIN, "--out", str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    for node in nodes:
+        _, err = node.communicate(timeout=DEADLINE)
+        assert node.returncode == 0, err[-2000:]
+    two_nodes = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert two_nodes["world_size"] == 2
+    one = _bnlab(*TRAIN, "--nproc", "2", "--out", str(tmp_path / "local"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    local = json.loads((tmp_path / "local" / "results.json").read_text())
+    # float32 training with other thread counts per process: as nproc 2 against nproc 1
+    assert two_nodes["runs"]["bn"]["loss"] == pytest.approx(local["runs"]["bn"]["loss"],
+                                                           rel=1e-4)
+    assert two_nodes["runs"]["bn"]["test_accuracy"] == pytest.approx(
+        local["runs"]["bn"]["test_accuracy"], abs=1e-9)
+
+
 def _children(pid):
     """The worker processes started by ``pid`` (not multiprocessing's resource tracker)."""
     kids = []

@@ -135,3 +135,65 @@ def test_recalibrate_across_ranks_equals_one_process_over_all_batches(tmp_path):
         state = torch.load(tmp_path / f"rank{r}.pt")
         for k, v in one.state_dict().items():
             torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-12, msg=f"{r} {k}")
+
+
+# --- uneven inputs under Join ---------------------------------------------------------------
+
+JOIN_BATCHES = [5, 3, 0]
+
+
+def _join_batches(rank):
+    g = torch.Generator().manual_seed(200 + rank)
+    return [2 + torch.randn(4, 1, 28, 28, generator=g, dtype=torch.float64)
+            for _ in range(JOIN_BATCHES[rank])]
+
+
+def _join_worker(rank, world, out_dir, lr):
+    from torch.distributed.algorithms.join import Join
+
+    torch.set_num_threads(1)
+    net = _model()  # SyncBatchNorm layers
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=lr)
+    with Join(bt.joinables(ddp)):
+        for x in _join_batches(rank):
+            opt.zero_grad()
+            ddp(x).square().mean().backward()
+            opt.step()
+    torch.save(net.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_uneven_ranks_under_join_finish_with_the_active_ranks_statistics(tmp_path):
+    """Ranks with 5, 3 and 0 batches: every step's BN statistics are those of the ranks
+    still holding data (one process's BN over their concatenated batches), on every rank;
+    nobody waits forever. lr = 0 keeps the weights: the statistics alone are compared."""
+    distributed.launch(_join_worker, len(JOIN_BATCHES), args=(str(tmp_path), 0.0),
+                       timeout=60, deadline=120)
+    one = bt.revert(_model())  # torch's BN, one process
+    per_rank = [_join_batches(r) for r in range(len(JOIN_BATCHES))]
+    one.train()
+    with torch.no_grad():
+        for step in range(max(JOIN_BATCHES)):
+            one(torch.cat([b[step] for b in per_rank if step < len(b)]))
+    for r in range(len(JOIN_BATCHES)):
+        state = torch.load(tmp_path / f"rank{r}.pt")
+        for k, v in one.state_dict().items():
+            if "running" in k or "num_batches" in k:
+                torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-12,
+                                           msg=f"rank {r} {k}")
+
+
+def test_joinables_needs_ddp():
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        bt.joinables(torch.nn.Sequential(bt.SyncBatchNorm(3)))
+
+
+def test_under_join_with_learning_every_rank_ends_identical(tmp_path):
+    """With a learning rate: nobody hangs, and parameters and buffers agree on every rank."""
+    distributed.launch(_join_worker, len(JOIN_BATCHES), args=(str(tmp_path), 0.1),
+                       timeout=60, deadline=120)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(JOIN_BATCHES))]
+    assert int(states[0]["1.num_batches_tracked"]) == max(JOIN_BATCHES)
+    for state in states[1:]:
+        for k, v in states[0].items():
+            torch.testing.assert_close(state[k], v, rtol=1e-12, atol=1e-12, msg=k)

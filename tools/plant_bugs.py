@@ -235,6 +235,15 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
     ("resume: dropout's generators not restored", "src/bnlab/train.py",
      "            mod.rng.bit_generator.state = state\n", "            pass\n",
      "tests/test_resume.py -k dropout"),
+    ("Join: the BN shadows after DDP's gradient all-reduce (the naive order)",
+     "src/bnlab/torch/join.py",
+     "            _shadow(self.joinable.order(), self.joinable.join_device)\n"
+     "            done.append(True)\n            real()\n",
+     "            real()\n            _shadow(self.joinable.order(), self.joinable.join_device)\n"
+     "            done.append(True)\n",
+     "tests/test_pooling.py -k active_ranks"),
+    ("Join: an empty rank's shadow refused for its input's rank", "src/bnlab/torch/sync.py",
+     "x.dim() if x.numel() else -1", "x.dim()", "tests/test_pooling.py -k active_ranks"),
     ("doctor: torch.load may unpickle any object", "src/bnlab/experiments/checkup.py",
      'obj = torch.load(path, map_location="cpu", weights_only=True)',
      'obj = torch.load(path, map_location="cpu", weights_only=False)',

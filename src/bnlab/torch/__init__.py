@@ -29,6 +29,7 @@ from .convert import convert, revert
 from .doctor import doctor
 from .functional import BACKENDS, batch_norm
 from .fuse import fuse
+from .join import joinables
 from .pooling import accumulating
 from .sync import SyncBatchNorm
 from .variants import (
@@ -64,6 +65,7 @@ __all__ = [
     "fold_batchnorm",
     "freeze",
     "fuse",
+    "joinables",
     "models",
     "recalibrate",
     "revert",

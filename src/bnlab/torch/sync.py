@@ -48,15 +48,23 @@ def _group_size(group) -> int:
 
 
 def _check_ranks(x: torch.Tensor, group) -> None:
-    """All-gather (C, dtype, ndim) and raise, on every rank, if any rank differs."""
+    """All-gather (C, dtype, ndim) and raise, on every rank, if any rank differs. An empty
+    input's ndim is anyone's (a rank with no samples contributes nothing: Join's shadow)."""
     mine = torch.tensor(
-        [x.shape[1], _DTYPE_CODES.get(x.dtype, 0), x.dim()], dtype=torch.long, device=x.device
+        [x.shape[1], _DTYPE_CODES.get(x.dtype, 0), x.dim() if x.numel() else -1],
+        dtype=torch.long,
+        device=x.device,
     )
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
     names = {v: str(k).removeprefix("torch.") for k, v in _DTYPE_CODES.items()}
-    ref = every[0].tolist()
-    bad = [r for r, t in enumerate(every) if t.tolist() != ref]
+    first = next((r for r, t in enumerate(every) if int(t[2]) >= 0), 0)  # a rank with data
+    ref = every[first].tolist()
+    bad = [
+        r
+        for r, t in enumerate(every)
+        if t.tolist()[:2] != ref[:2] or int(t[2]) not in (-1, ref[2])
+    ]
     if bad:
 
         def describe(r):
@@ -67,8 +75,8 @@ def _check_ranks(x: torch.Tensor, group) -> None:
 
         raise ValueError(
             "SyncBatchNorm inputs differ across ranks: "
-            + "; ".join(describe(r) for r in [0, *bad])
-            + f" (ranks {bad} differ from rank 0)"
+            + "; ".join(describe(r) for r in [first, *bad])
+            + f" (ranks {bad} differ from rank {first})"
         )
 
 
@@ -188,6 +196,9 @@ class SyncBatchNorm(PythonOnly, _BatchNorm, _TorchBatchNorm):
         ):  # recalibrate: each rank's own
             return super()._forward(input)
         group = self.process_group
+        joinable = getattr(self, "_joinable", None)  # bnlab.torch.joinables: under Join
+        if joinable is not None:
+            joinable.notify(self)
         _check_ranks(input, group)  # every call: any rank may change (module docstring)
         if input.shape[1] != self.num_features:  # on every rank alike, after the exchange
             raise ValueError(
