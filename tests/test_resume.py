@@ -122,3 +122,82 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     results = single.run(config, resume=folder, progress=False, print_fn=lambda *a: None)
     assert results["resumed_from"] == [20]
     assert results["runs"]["bn"]["step"][-1] == 60
+
+
+# --- the torch engine, and torchrun restarting a killed worker ------------------------------
+
+TORCH = ["train", "--engine", "torch", "--model", "mlp", "--dataset", "digits", "--steps",
+         "150", "--checkpoint-every", "10", "--no-progress"]
+
+
+def _wait_for(path: Path, proc, seconds=120):
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, "finished before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def test_torch_engine_killed_and_resumed(tmp_path):
+    full = tmp_path / "full"
+    assert bnlab(*TORCH, "--out", str(full)).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bnlab", *TORCH, "--out", str(killed)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(killed / "resume.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = bnlab("train", "--engine", "torch", "--resume", str(killed), "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    runs, weights, resumed = outcome(killed)
+    want_runs, want_weights, _ = outcome(full)
+    assert runs == want_runs and resumed and 10 <= resumed[0] < 150
+    for k in weights:
+        assert np.array_equal(weights[k], want_weights[k]), k
+
+
+def _workers(parent: int) -> list[int]:
+    """torchrun's worker processes (children of ``parent`` running bnlab.cli)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"bnlab.cli" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_resumes(tmp_path):
+    """Two processes under torchrun --max-restarts 1: a worker SIGKILLed mid-run, torchrun
+    restarts the group, which resumes from the last checkpoint by itself and ends as the
+    uninterrupted torchrun run."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+
+    def launch(out):
+        from bnlab.torch import distributed
+
+        return subprocess.Popen(
+            [torchrun, "--nproc-per-node", "2", "--max-restarts", "1", "--master-addr",
+             "127.0.0.1", "--master-port", str(distributed.free_port()), "-m", "bnlab.cli",
+             *TORCH, "--out", str(out)],
+            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    full = launch(tmp_path / "full")
+    _, err = full.communicate(timeout=180)
+    assert full.returncode == 0, err[-2000:]
+    run = launch(tmp_path / "killed")
+    _wait_for(tmp_path / "killed" / "resume.pt", run)
+    victims = _workers(run.pid)
+    assert victims, "torchrun's workers"
+    os.kill(victims[-1], signal.SIGKILL)
+    _, err = run.communicate(timeout=180)
+    assert run.returncode == 0, err[-3000:]
+    runs, weights, resumed = outcome(tmp_path / "killed")
+    want_runs, want_weights, _ = outcome(tmp_path / "full")
+    assert resumed, "the restarted job resumed"
+    assert runs == want_runs
+    for k in weights:
+        assert np.array_equal(weights[k], want_weights[k]), k

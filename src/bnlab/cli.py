@@ -139,11 +139,8 @@ def _cmd_train(args) -> int:
     if args.engine == "torch":
         from .experiments import torch_train
 
-        if args.resume is not None or args.checkpoint_every is not None:
-            raise ValueError(
-                "--resume and --checkpoint-every are implemented for --engine numpy; the "
-                "torch engine writes its checkpoint at the end only, for now"
-            )
+        if args.resume is not None and args.init_from is not None:
+            raise ValueError("--resume continues a run; --init-from starts a new one: not both")
         torch_train.run(
             config,
             out=args.out,
@@ -151,6 +148,8 @@ def _cmd_train(args) -> int:
             nproc=args.nproc,
             init_from=args.init_from,
             progress=not args.no_progress,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
         )
         return 0
     if args.resume is not None and args.init_from is not None:
@@ -813,8 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="write a resumable checkpoint (RUN_DIR/resume.npz, atomically) every N steps "
-        "(default: about once a minute of training)",
+        help="write a resumable checkpoint (RUN_DIR/resume.npz, or resume.pt with --engine "
+        "torch; atomically) every N steps (default: about once a minute of training)",
     )
     p.add_argument(
         "--resume",
@@ -822,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint, with its configuration "
         "(the training options given here are ignored); it ends as the uninterrupted run "
-        "would (--engine numpy)",
+        "would. Under torchrun a restarted job (--max-restarts) with --out resumes by itself",
     )
     p.add_argument(
         "--accumulate",

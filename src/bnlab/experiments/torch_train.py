@@ -28,9 +28,17 @@ import numpy as np
 from .. import data as datasets
 from .. import report
 from ..extras import need
-from ..train import History, load_checkpoint, save_checkpoint
+from ..train import (
+    CHECKPOINT_SECONDS,
+    History,
+    atomic_write,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .runs import environment, run_dir, write_json
 from .single import TrainConfig, build_model
+
+RESUME = "resume.pt"  # the torch engine's resumable checkpoint in a run folder
 
 
 def _torchrun() -> bool:
@@ -46,9 +54,17 @@ def run(
     progress: bool = True,
     print_fn=print,
     timeout: float | None = None,
+    checkpoint_every: int | None = None,
+    resume=None,
 ) -> dict:
     """Train with ``nproc`` local processes (or as one rank under torchrun); rank 0's
-    results (the dict written to results.json, with ``run_dir``) come back."""
+    results (the dict written to results.json, with ``run_dir``) come back.
+
+    Rank 0 writes a resumable checkpoint (``RUN_DIR/resume.pt``, atomically) every
+    ``checkpoint_every`` steps (default: about once a minute); ``resume=RUN_DIR`` continues
+    that run on every rank, with its configuration. Under torchrun, a restarted job
+    (``--max-restarts``, ``TORCHELASTIC_RESTART_COUNT`` > 0) with ``out`` holding a
+    checkpoint resumes by itself."""
     import torch
 
     from ..torch import distributed
@@ -59,6 +75,16 @@ def run(
         raise RuntimeError("--device cuda needs a CUDA GPU, and torch sees none")
     timeout = distributed.DEFAULT_TIMEOUT if timeout is None else timeout
     backend = distributed.backend_for(device)
+    restarted = _torchrun() and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    if resume is None and restarted and out is not None and (Path(out) / RESUME).exists():
+        resume = out  # torchrun restarted the job: go on from the last checkpoint
+    state_file = None
+    if resume is not None:
+        state_file = str(Path(resume) / RESUME)
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        config = TrainConfig(**json.loads(saved["config"]))
+        out = resume
+        print_fn(f"resuming {resume} after step {int(saved['step'])}")
     if _torchrun():
         if nproc != 1:
             raise ValueError(
@@ -66,9 +92,19 @@ def run(
                 "(--nproc-per-node, --nnodes); leave --nproc out"
             )
         rank, world = distributed.init_from_env(backend, timeout)
-        folder = run_dir(out, "train") if rank == 0 else None
+        folder = run_dir(out, "train") if rank == 0 or out is not None else None
         try:
-            results = _train(rank, world, config, str(folder), device, init_from, progress)
+            results = _train(
+                rank,
+                world,
+                config,
+                str(folder),
+                device,
+                init_from,
+                progress,
+                checkpoint_every,
+                state_file,
+            )
         finally:
             distributed.dist.destroy_process_group()
         if rank != 0:
@@ -76,7 +112,17 @@ def run(
     else:
         folder = run_dir(out, "train")
         if nproc == 1:
-            results = _train(0, 1, config, str(folder), device, init_from, progress)
+            results = _train(
+                0,
+                1,
+                config,
+                str(folder),
+                device,
+                init_from,
+                progress,
+                checkpoint_every,
+                state_file,
+            )
         else:
             if device == "cuda" and nproc > torch.cuda.device_count():
                 raise ValueError(
@@ -86,7 +132,15 @@ def run(
             distributed.launch(
                 _worker,
                 nproc,
-                args=(config, str(folder), device, init_from, progress),
+                args=(
+                    config,
+                    str(folder),
+                    device,
+                    init_from,
+                    progress,
+                    checkpoint_every,
+                    state_file,
+                ),
                 backend=backend,
                 timeout=timeout,
                 threads=threads,
@@ -106,8 +160,10 @@ def run(
     return results
 
 
-def _worker(rank, world, config, folder, device, init_from, progress):
-    _train(rank, world, config, folder, device, init_from, progress)
+def _worker(
+    rank, world, config, folder, device, init_from, progress, checkpoint_every=None, resume=None
+):
+    _train(rank, world, config, folder, device, init_from, progress, checkpoint_every, resume)
 
 
 def _torch_model(config: TrainConfig, data, init_from):
@@ -147,13 +203,23 @@ def _evaluate(model, images, labels, device, batch_size=1000) -> dict:
     return {"loss": total / len(labels), "accuracy": correct / len(labels)}
 
 
-def _train(rank, world, config: TrainConfig, folder, device, init_from, progress) -> dict:
+def _train(
+    rank,
+    world,
+    config: TrainConfig,
+    folder,
+    device,
+    init_from,
+    progress,
+    checkpoint_every=None,
+    resume=None,
+) -> dict:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
 
     from .. import torch as bt
-    from ..data import iterate_batches
+    from ..data import BatchStream
 
     if device == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -189,26 +255,53 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
     eval_every = config.eval_every or per_epoch
     rng = np.random.default_rng(config.seed)  # the NumPy engine's batches, on every rank
     lo, hi = rank * B // world, (rank + 1) * B // world
+    stream = BatchStream(images, labels, B, rng)
+    hist = History()
+    first = 1
+    resumed_from: list[int] = []
+    if resume is not None:  # every rank loads the same state
+        state = torch.load(resume, map_location=device, weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        stream.restore(json.loads(state["stream"]))
+        hist = History(**json.loads(state["history"]))
+        torch.set_rng_state(state["torch_rng"])
+        first = int(state["step"]) + 1
+        resumed_from = [*json.loads(state["resumed_from"]), first - 1]
+    last_save = time.perf_counter()
+    elapsed = hist.seconds
 
-    def batches():
-        while True:
-            yield from iterate_batches(images, labels, B, shuffle=True, drop_last=True, rng=rng)
+    def save(step: int) -> None:
+        """Rank 0: the resumable checkpoint, atomically (model, optimizer, step, history,
+        batch stream, torch's generator)."""
+        hist.seconds = elapsed + time.perf_counter() - start
+        state = {
+            "model": net.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "history": json.dumps(hist.to_dict()),
+            "stream": json.dumps(stream.state()),
+            "torch_rng": torch.get_rng_state(),
+            "config": json.dumps(asdict(config)),
+            "resumed_from": json.dumps(resumed_from),
+        }
+        atomic_write(Path(folder) / RESUME, lambda f: torch.save(state, f))
 
     tqdm = need("tqdm.auto", "the progress bar").tqdm
 
     bar = tqdm(
+        initial=first - 1,
         total=total,
         desc=f"{config.model} (torch, {world} process{'es' if world > 1 else ''})",
         disable=not progress or rank != 0,
         unit="step",
         leave=False,
     )
-    hist = History()
     net.train()
     start = time.perf_counter()
     pooled = bt.accumulating(net, K) if K > 1 else contextlib.nullcontext()
     with pooled:
-        for step, (xb, yb) in zip(range(1, total + 1), batches()):
+        for step, (xb, yb) in zip(range(first, total + 1), stream):
             x = torch.from_numpy(xb[lo:hi]).to(device)
             y = torch.from_numpy(yb[lo:hi]).long().to(device)
             opt.zero_grad()
@@ -230,10 +323,18 @@ def _train(rank, world, config: TrainConfig, folder, device, init_from, progress
                 ev = _evaluate(net, *data.test, device)
                 hist.record_eval(step, ev)
                 bar.set_postfix(loss=f"{hist.loss[-1]:.3f}", test_acc=f"{ev['accuracy']:.3f}")
+            due = (
+                (step % checkpoint_every == 0)
+                if checkpoint_every
+                else time.perf_counter() - last_save >= CHECKPOINT_SECONDS
+            )
+            if rank == 0 and due and step < total:
+                save(step)
+                last_save = time.perf_counter()
             bar.update(1)
     bar.close()
-    hist.seconds = time.perf_counter() - start
-    results = _write_run(rank, world, config, folder, device, data, ref, net, hist)
+    hist.seconds = elapsed + time.perf_counter() - start
+    results = _write_run(rank, world, config, folder, device, data, ref, net, hist, resumed_from)
     if world > 1:
         dist.barrier()  # nobody leaves the process group while rank 0 still writes
     return results
@@ -254,7 +355,7 @@ def _record(hist, step, stats, world, B, dist) -> bool:
     return True
 
 
-def _write_run(rank, world, config, folder, device, data, ref, net, hist) -> dict:
+def _write_run(rank, world, config, folder, device, data, ref, net, hist, resumed_from) -> dict:
     """Rank 0: the final evaluation of a diverged run, and the run folder."""
     import torch
 
@@ -277,6 +378,7 @@ def _write_run(rank, world, config, folder, device, data, ref, net, hist) -> dic
         "runs": {name: hist.to_dict()},
         "environment": {**environment(), "torch": torch.__version__},
         "run_dir": str(folder),
+        "resumed_from": resumed_from,
     }
     write_json(folder / "results.json", results)
     report.write_report(results, folder)

@@ -72,7 +72,28 @@ def init_from_env(backend: str = "gloo", timeout: float = DEFAULT_TIMEOUT) -> tu
     ]
     if missing:
         raise RuntimeError(f"not started by torchrun: {', '.join(missing)} not set")
-    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout))
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts the store and keeps it across restarts (--max-restarts):
+        # each attempt's process group gets keys of its own, so a restarted group never
+        # reads the addresses of the processes it replaces
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timedelta(seconds=timeout),
+        )
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"bnlab/attempt_{attempt}/", store),
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=timeout),
+        )
+    else:
+        dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout))
     return dist.get_rank(), dist.get_world_size()
 
 
