@@ -886,6 +886,57 @@ def _aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _statistics_buffers(x: torch.Tensor, run: _Launch):
+    """The statistics launches' outputs: the parts (3, P, C), the bad flags, and the (C,)
+    mean (float64), var and inv_std (float32)."""
+    parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
+    bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
+    return parts, bad, _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
+
+
+def _launch_statistics(
+    plan, x, run: _Launch, buffers, rm, rv, nbt, eps: float, momentum: float, finalize: bool
+) -> None:
+    """Launch 0: every part's (count, mean, M2); with ``finalize``, launch 1: the batch
+    statistics from them, with the running-statistics update when ``rm``/``rv`` are given
+    (and ``nbt`` counted)."""
+    parts, bad, mean, var, inv_std = buffers
+    _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
+    if finalize:
+        update = rm is not None and rv is not None
+        grid, BC, PB = run.finalize
+        _go(
+            plan,
+            1,
+            _finalize_stats_kernel,
+            grid,
+            (
+                x,
+                parts,
+                bad,
+                mean,
+                var,
+                inv_std,
+                rm,
+                rv,
+                nbt,
+                run.P,
+                run.C,
+                run.strides[1],
+                run.n_bad,
+                float(run.m),
+                float(eps),
+                float(momentum),
+                run.m / max(run.m - 1, 1),
+                BC,
+                PB,
+                run.BADB,
+                update,
+                update and nbt is not None,
+            ),
+        )
+
+
 def train_forward(
     x,
     weight,
@@ -922,10 +973,9 @@ def train_forward(
     relu = _relu(act)
     weight, bias = _vec(weight), _vec(bias)
     rm, rv = _vec(running_mean), _vec(running_var)  # contiguous: written back below
-    parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
-    bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
+    buffers = _statistics_buffers(x, run)
+    parts, bad, mean, var, inv_std = buffers
     y = torch.empty_like(x, memory_format=run.fmt)
-    mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
     update = rm is not None and rv is not None
     has_nbt = update and num_batches_tracked is not None
     plan = _plan(
@@ -942,39 +992,9 @@ def train_forward(
     )
     m, unbias = float(run.m), run.m / max(run.m - 1, 1)
     eps, momentum = float(eps), float(momentum)
-    _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
-    if not run.fused:
-        grid, BC, PB = run.finalize
-        _go(
-            plan,
-            1,
-            _finalize_stats_kernel,
-            grid,
-            (
-                x,
-                parts,
-                bad,
-                mean,
-                var,
-                inv_std,
-                rm,
-                rv,
-                num_batches_tracked,
-                run.P,
-                run.C,
-                run.strides[1],
-                run.n_bad,
-                m,
-                eps,
-                momentum,
-                unbias,
-                BC,
-                PB,
-                run.BADB,
-                update,
-                has_nbt,
-            ),
-        )
+    _launch_statistics(
+        plan, x, run, buffers, rm, rv, num_batches_tracked, eps, momentum, finalize=not run.fused
+    )
     _go(
         plan,
         1 + (not run.fused),
@@ -1210,53 +1230,19 @@ def add_act_forward(
     weight, bias = _vec(weight), _vec(bias)
     if training:
         rm, rv = _vec(running_mean), _vec(running_var)
-        update = rm is not None and rv is not None
-        has_nbt = update and num_batches_tracked is not None
-        parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
-        bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
-        mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
+        buffers = _statistics_buffers(x, run)
+        _, _, mean, _, inv_std = buffers
         plan = _plan(
             "add_stats",
             x,
             rm,
             rv,
             num_batches_tracked,
-            has_nbt,
-            _aligned(parts, bad, mean, var, inv_std),
+            num_batches_tracked is not None,
+            _aligned(*buffers),
         )
-        _go(
-            plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps
-        )
-        grid, BC, PB = run.finalize
-        _go(
-            plan,
-            1,
-            _finalize_stats_kernel,
-            grid,
-            (
-                x,
-                parts,
-                bad,
-                mean,
-                var,
-                inv_std,
-                rm,
-                rv,
-                num_batches_tracked,
-                run.P,
-                run.C,
-                run.strides[1],
-                run.n_bad,
-                float(run.m),
-                float(eps),
-                float(momentum),
-                run.m / max(run.m - 1, 1),
-                BC,
-                PB,
-                run.BADB,
-                update,
-                has_nbt,
-            ),
+        _launch_statistics(
+            plan, x, run, buffers, rm, rv, num_batches_tracked, eps, momentum, finalize=True
         )
         _write_back((running_mean, rm), (running_var, rv))
     else:
@@ -1304,43 +1290,10 @@ def moments(x):
     """Batch mean (float64, the exact float32 pair) and biased var (float32), (C,) each: the
     statistics half of :func:`train_forward` (two launches)."""
     x, _, run = _prepare(x)
-    parts = torch.empty((3, run.P, run.C), dtype=torch.float32, device=x.device)
-    bad = torch.empty(run.grid, dtype=torch.int32, device=x.device)
-    mean, var, inv_std = _stats_like(x, torch.float64), _stats_like(x), _stats_like(x)
-    plan = _plan("moments", x, _aligned(parts, bad, mean, var, inv_std))
-    _go(plan, 0, _stats_kernel, run.grid, (x, parts, bad, *run.args, *run.tiles), run.num_warps)
-    grid, BC, PB = run.finalize
-    _go(
-        plan,
-        1,
-        _finalize_stats_kernel,
-        grid,
-        (
-            x,
-            parts,
-            bad,
-            mean,
-            var,
-            inv_std,
-            None,
-            None,
-            None,
-            run.P,
-            run.C,
-            run.strides[1],
-            run.n_bad,
-            float(run.m),
-            1.0,
-            0.0,
-            1.0,
-            BC,
-            PB,
-            1,
-            False,
-            False,
-        ),
-    )
-    return mean, var
+    buffers = _statistics_buffers(x, run)
+    plan = _plan("moments", x, _aligned(*buffers))
+    _launch_statistics(plan, x, run, buffers, None, None, None, 1.0, 0.0, finalize=True)
+    return buffers[2], buffers[3]
 
 
 def grad_sums(dy, x, mean):
