@@ -769,8 +769,8 @@ class AddActFunction(torch.autograd.Function):
     "identity"): training (batch statistics, running statistics updated with the guard of
     :func:`bnlab.torch.engine.update_running`) or evaluation (the given statistics). The
     forward keeps the ReLU's mask as bits, so the backward reads x, dy and the bits, never
-    y: g = dy where not y <= 0 (torch's ReLU backward) is the residual's gradient, and dx, dweight, dbias are BN's for
-    g. Eager mode; ``engine_name`` "numba" (CPU float32/64) or "triton"; residual of x's
+    y: g = dy where not y <= 0 (torch's ReLU backward) is the residual's gradient, and dx,
+    dweight, dbias are BN's for g. Eager mode; ``engine_name`` "numba" (CPU float32/64) or "triton"; residual of x's
     shape and dtype."""
 
     @staticmethod
