@@ -11,6 +11,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 # imports Triton, so before any test does).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# backend="auto" runs bnlab's kernels wherever they take the input (BNLAB_AUTO=kernels), in
+# this process and in every one the tests spawn: the suite's tensors are small, where the
+# committed measurements send auto to torch's kernel, and the tests of the engines must
+# reach bnlab's. tests/test_engine_auto.py tests the measured weighing itself (the default)
+# with the committed tables.
+os.environ["BNLAB_AUTO"] = "kernels"
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

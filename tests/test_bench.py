@@ -8,9 +8,10 @@ import pytest
 from bnlab import bench, cli
 
 
-def test_median_times_interleaves_rounds_and_takes_medians(monkeypatch):
-    """On a fake clock each call costs what it is told: medians (not means or minima) come
-    out, after the warm-up calls, with one call of every candidate per round."""
+def test_round_times_interleave_rounds_and_give_minimum_and_median(monkeypatch):
+    """On a fake clock each call costs what it is told: the minimum and the median (not the
+    mean) of the rounds come out, after the warm-up calls, with one call of every candidate
+    per round."""
     clock = [0.0]
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     calls = []
@@ -25,7 +26,8 @@ def test_median_times_interleaves_rounds_and_takes_medians(monkeypatch):
 
     fns = {"a": candidate("a", [99, 99, 1, 2, 3, 100, 4]),    # 2 warm-ups, then 5 rounds
            "b": candidate("b", [99, 99, 10, 30, 20, 50, 40])}
-    assert bench._median_times(fns, repeats=5, warmup=2) == {"a": 3, "b": 30}
+    stats = bench._statistics(bench._round_times(fns, repeats=5, warmup=2))
+    assert stats == {"median": {"a": 3, "b": 30}, "min": {"a": 1, "b": 10}}
     rounds = calls[4:]
     assert len(rounds) == 10 and all(set(rounds[i:i + 2]) == {"a", "b"} for i in range(0, 10, 2))
 
@@ -56,14 +58,17 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
                "train/bnlab_torch": 4.0, "infer/bnlab_torch": 1.0,
                "train/bnlab_torch_channels_last": 6.0, "infer/bnlab_torch_channels_last": 2.0}
 
-    def fake_medians(fns, repeats):
+    medians.update({"train/auto": 6.0, "infer/auto": 3.0, "train/auto_channels_last": 4.0,
+                    "infer/auto_channels_last": 8.0})
+
+    def fake_rounds(fns, repeats):  # three rounds: the median as given, the minimum half
         for name, fn in fns.items():
             current[0] = name
             fn()
         assert set(fns) == set(medians)
-        return dict(medians)
+        return {k: [v, v / 2, 2 * v] for k, v in medians.items()}
 
-    monkeypatch.setattr(bench, "_median_times", fake_medians)
+    monkeypatch.setattr(bench, "_round_times", fake_rounds)
     row = bench.bench_case(bench.Case("t", "NCHW", (4, 3, 4, 4), "float32"), repeats=1)
     assert backends == {"train/reference": {"numpy"}, "train/fused": {"numba"},
                         "train/fused_act": {"numba"}}
@@ -77,10 +82,20 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
     assert row["train_bnlab_torch_vs_torch_channels_last"] == 0.75
     assert row["infer_bnlab_torch_vs_torch"] == 1.0
     assert row["infer_bnlab_torch_vs_torch_channels_last"] == 0.5
-    line = bench.format_table({"rows": [row], "repeats": 1, "environment": bench.environment()}
-                              ).splitlines()[4]
-    assert line.split() == ["t", "float32", "train", "2000.00", "20.00", "3.00", "3.30", "6.00",
-                            "4.00", "2.00", "3.00", "1.10", "0.50", "0.75", "0.33", "0.75"]
+    assert row["train_auto_vs_torch"] == 0.5 and row["infer_auto_vs_torch_channels_last"] == 2.0
+    # the minimum's own copy-times and ratios (here every minimum is half the median)
+    assert row["copy_times_min"]["train/fused"] == 3.0 and row["seconds_min"]["copy"] == 1.0
+    assert row["train_fused_vs_torch_min"] == 0.5
+    assert set(row["auto_engine"]) == {"auto", "auto_channels_last"}
+    assert all(set(ran) == {"train", "infer"} and set(ran.values()) <= {"numba", "native"}
+               for ran in row["auto_engine"].values())
+    result = {"rows": [row], "repeats": 3, "environment": bench.environment()}
+    for stat, copy_ms in (("min", "1000.00"), ("median", "2000.00")):
+        line = bench.format_table(result, stat).splitlines()[4]
+        assert line.split()[:20] == [
+            "t", "float32", "train", copy_ms, "20.00", "3.00", "3.30", "6.00", "4.00", "2.00",
+            "3.00", "3.00", "2.00", "1.10", "0.50", "0.75", "0.33", "0.75", "0.50", "0.50"]
+        assert line.split()[20:23] == ["auto", "ran", "auto:"]
 
 
 def test_bench_run_and_table(tmp_path):
@@ -116,3 +131,58 @@ def test_bench_cli(tmp_path, capsys):
     assert json.loads(out.read_text())["repeats"] == 2
     assert cli.main(["bench", "--shapes", "NCHW 1x1x1x1", "--no-progress"]) == 2
     assert "unknown shape" in capsys.readouterr().err
+
+
+def _ranges_tool():
+    import runpy
+    from pathlib import Path
+
+    return runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "bench_ranges.py"))
+
+
+def test_bench_ranges_judge_the_minimum_targets_on_the_minima(tmp_path, capsys):
+    """tools/bench_ranges.py --min reads the *_min keys of the runs that have them (runs
+    before minima existed are skipped), and counts a run as meeting a target only if every
+    value in it does."""
+    tool = _ranges_tool()
+
+    def run(min_ratio, median_ratio, with_min=True):
+        row = {"case": "NHWC 64x32x32x64", "shape": [64, 32, 32, 64], "dtype": "float32",
+               "copy_times": {"train/fused": 9.0},
+               "train_fused_vs_torch_channels_last": median_ratio}
+        if with_min:
+            row.update(copy_times_min={"train/fused": 2.5},
+                       train_fused_vs_torch_channels_last_min=min_ratio)
+        return {"rows": [row]}
+
+    paths = []
+    for i, r in enumerate((run(0.7, 1.5), run(0.9, 0.5), run(0.1, 0.1, with_min=False))):
+        paths.append(str(tmp_path / f"run-{i}.json"))
+        (tmp_path / f"run-{i}.json").write_text(json.dumps(r))
+    assert tool["main"](["--min", *paths]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 runs:")  # the run without minima is left out
+    assert "| NHWC f32 train <= 0.8 x torch channels_last | 0.70 - 0.90 | 1 of 2 runs |" in out
+    assert "| NHWC f32 train <= 3.0 copy-times | 2.50 - 2.50 | 2 of 2 runs |" in out
+    assert tool["main"](paths) == 0  # the median targets: every run
+    assert "3 runs:" in capsys.readouterr().out
+
+
+def test_the_docs_show_the_minimum_targets_of_the_committed_runs(capsys):
+    """docs/performance.md's table of the CPU targets is the tool's output on the committed
+    runs that report minima."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    runs = sorted(str(p.relative_to(root)) for p in (root / "docs" / "bench").glob("run-*.json"))
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert _ranges_tool()["main"](["--min", *runs]) == 0
+    finally:
+        os.chdir(cwd)
+    table = capsys.readouterr().out.split("\n", 1)[1].strip()
+    assert table.count("\n") >= len(_ranges_tool()["TARGETS_MIN"]) + 1
+    assert table in (root / "docs" / "performance.md").read_text()

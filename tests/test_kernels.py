@@ -196,3 +196,40 @@ def test_bnlab_num_threads_caps_every_kernel_call():
     r = run_python("import bnlab.kernels.numba_bn", BNLAB_NUM_THREADS="two")
     assert r.returncode != 0
     assert "BNLAB_NUM_THREADS must be a positive integer, got 'two'" in r.stderr
+
+
+def test_large_numpy_outputs_reuse_memory_only_once_nothing_holds_it():
+    """bnlab.kernels.memory.OUTPUTS: a large output (>= 4 MiB) of the NumPy kernels is a view
+    of a kept buffer on a 2 MiB boundary; while the output or any view of it lives (or a
+    torch tensor made from it), the buffer is never handed out again; once nothing holds it,
+    the next output of that size reuses it (no fresh, kernel-zeroed pages)."""
+    from bnlab.kernels import memory
+
+    torch = pytest.importorskip("torch")
+    memory.OUTPUTS.clear()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 64, 32, 32)).astype(np.float32)  # 4 MiB
+    g, b = np.ones(64, np.float32), np.zeros(64, np.float32)
+
+    def forward(scale=1.0):
+        return F.batch_norm_forward(x * scale, g, b, backend="numba")[0]
+
+    y = forward()
+    ptr = y.ctypes.data
+    assert ptr % memory.HUGE == 0 and not y.flags.owndata
+    del y
+    assert forward().ctypes.data == ptr  # dropped at once: reused
+    for hold in (lambda y: y, lambda y: y[1:], lambda y: y.reshape(-1)[::2],
+                 lambda y: torch.from_numpy(y)):
+        y = forward()
+        want, ptr = y.copy(), y.ctypes.data
+        kept = hold(y)
+        del y
+        others = [forward(k + 2.0) for k in range(3)]
+        assert all(o.ctypes.data != ptr for o in others)
+        kept = kept.numpy() if isinstance(kept, torch.Tensor) else kept
+        assert np.array_equal(kept, want[1:] if kept.shape[0] == 15 else
+                              want.reshape(-1)[::2] if kept.ndim == 1 else want)
+        del kept, others
+    small = F.batch_norm_forward(x[:2], g, b, backend="numba")[0]
+    assert all(small.base is not buf for buf, _ in memory.OUTPUTS._kept)  # small: plain arrays

@@ -1,7 +1,11 @@
 """``bnlab bench``: batch normalization speed as ratios measured in one run.
 
-For each shape and dtype it times, interleaved round by round (so machine noise hits
-every candidate alike) and reported as medians:
+For each shape and dtype it times, interleaved round by round in a fresh random order (so
+machine noise hits every candidate alike), and reports two statistics of the rounds: the
+**minimum** (the fastest round: noise only ever adds time, so on a shared machine the
+minimum moves least between runs; targets are judged on it) and the **median** (what a
+typical call costs under the machine's load). Each has its own copy-times (time / the same
+statistic of the copy) and ratios (keys ending in ``_min`` for the minimum):
 
 * ``copy``: ``np.copyto`` of a same-size array, one read + one write: the bandwidth
   yardstick. BN training forward+backward must read x and dy and write y and dx, about
@@ -16,13 +20,17 @@ every candidate alike) and reported as medians:
   layout (so "NHWC vs PyTorch NCHW" is also measured in one interleaved run), when torch is
   installed.
 * ``bnlab_torch`` and ``bnlab_torch_channels_last``: ``bnlab.torch.BatchNorm1d/2d`` with
-  the same state on the same tensors (float32/float64; float16 is torch's own path there).
+  the same state on the same tensors, on bnlab's kernels (``backend="numba"``;
+  float32/float64: float16 is torch's own path there); ``auto`` and ``auto_channels_last``:
+  the same module with ``backend="auto"``, which runs torch's kernel where the committed
+  CPU measurements (:mod:`bnlab.torch.measured`) found it faster; the row says which engine
+  it ran (``auto_engine``).
 
 "train" is forward with batch statistics + backward (dx, dgamma, dbeta); "infer" is the
 forward with running statistics. Every candidate allocates its outputs, as in real use.
 It also times one training step of the seed CNN (with BN) in bnlab and in PyTorch, and one
 step of the torch seed CNN (channels 32/64, batch 64, SGD) with torch's BN and after
-``bnlab.torch.convert``.
+``bnlab.torch.convert``, on contiguous and on channels-last memory.
 """
 
 from __future__ import annotations
@@ -54,9 +62,14 @@ class Case:
     dtype: str
 
 
-def _median_times(fns: dict, repeats: int, warmup: int = 2, seed: int = 0) -> dict:
+STATS = ("median", "min")  # the statistics reported; suffix "" for the median, "_min"
+SUFFIX = {"median": "", "min": "_min"}
+
+
+def _round_times(fns: dict, repeats: int, warmup: int = 2, seed: int = 0) -> dict:
     """Run every candidate once per round, in a fresh random order each round (so neither
-    machine noise nor cache state left by a neighbour favours anyone); return medians (s)."""
+    machine noise nor cache state left by a neighbour favours anyone); return each
+    candidate's round times (s)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -68,7 +81,15 @@ def _median_times(fns: dict, repeats: int, warmup: int = 2, seed: int = 0) -> di
             t0 = time.perf_counter()
             fns[k]()
             times[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
+
+
+def _statistics(times: dict) -> dict:
+    """{"median": {name: s}, "min": {name: s}} of :func:`_round_times`' result."""
+    return {
+        "median": {k: float(np.median(v)) for k, v in times.items()},
+        "min": {k: float(np.min(v)) for k, v in times.items()},
+    }
 
 
 def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
@@ -104,18 +125,23 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
             bn.running_var.copy_(torch.from_numpy(var))
         return bn
 
-    out = {}
+    out: dict = {}
     variants = [("", False)]  # 4-D: NCHW memory; 4-D rows also time channels-last
     if rank == 4:
         variants.append(("_channels_last", True))
-    owners = [("torch", getattr(torch.nn, name))]
+    owners: list[tuple[str, type, str | None]] = [("torch", getattr(torch.nn, name), None)]
     if case.dtype != "float16":  # float16 on CPU is torch's own path in bnlab.torch
-        owners.append(("bnlab_torch", getattr(bt, name)))
+        owners += [
+            ("bnlab_torch", getattr(bt, name), "numba"),
+            ("auto", getattr(bt, name), "auto"),
+        ]
     for suffix, cl in variants:
         xt = tensor(x, cl).requires_grad_(True)
         dyt = tensor(dy, cl)
-        for owner, cls in owners:
+        for owner, cls, backend in owners:
             bn = module(cls)
+            if backend is not None:
+                bn.backend = backend
 
             def train(xt=xt, dyt=dyt, bn=bn):
                 xt.grad = bn.weight.grad = bn.bias.grad = None
@@ -128,7 +154,20 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
                     bn(xt)
 
             out[owner + suffix] = (train, infer)
+            if backend == "auto":
+                out[owner + suffix + "/engine"] = _auto_engines(bn, xt)
     return out
+
+
+def _auto_engines(bn, x) -> dict:
+    """Which engine ``backend="auto"`` runs for ``bn`` on ``x``, training and inference."""
+    from bnlab.torch import engine
+
+    params = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    return {
+        op: engine.select("auto", x, params, update=op == "train", training=op == "train")
+        for op in ("train", "infer")
+    }
 
 
 def bench_case(case: Case, repeats: int) -> dict:
@@ -159,36 +198,42 @@ def bench_case(case: Case, repeats: int) -> dict:
     cands = {"reference": impl("numpy"), "fused": impl("numba")}
     if dt != np.float16:  # BN + ReLU in the same passes (BatchNormAct2d)
         cands["fused_act"] = impl("numba", "relu")
-    cands.update(_torch_fns(case, x, dy, gamma, beta, mean, var))
+    torch_fns = _torch_fns(case, x, dy, gamma, beta, mean, var)
+    engines = {k.split("/")[0]: torch_fns.pop(k) for k in list(torch_fns) if k.endswith("/engine")}
+    cands.update(torch_fns)
     fns = {"copy": lambda: np.copyto(dst, x)}
     for k, (train, infer) in cands.items():
         fns[f"train/{k}"] = train
         fns[f"infer/{k}"] = infer
-    med = _median_times(fns, repeats)
-    row = {
+    stats = _statistics(_round_times(fns, repeats))
+    row: dict = {
         "case": case.name,
         "layout": case.layout,
         "shape": list(case.shape),
         "dtype": case.dtype,
-        "seconds": med,
     }
-    copy = med["copy"]
-    row["copy_times"] = {k: v / copy for k, v in med.items()}
-    for op in ("train", "infer"):
-        for ours, theirs, key in (
-            ("fused_act", "fused", "fused_act_vs_fused"),
-            ("fused", "torch", "fused_vs_torch"),
-            ("fused", "torch_channels_last", "fused_vs_torch_channels_last"),
-            ("bnlab_torch", "torch", "bnlab_torch_vs_torch"),
-            (
-                "bnlab_torch_channels_last",
-                "torch_channels_last",
-                "bnlab_torch_vs_torch_channels_last",
-            ),
-        ):
-            if f"{op}/{ours}" in med and f"{op}/{theirs}" in med:
-                row[f"{op}_{key}"] = med[f"{op}/{ours}"] / med[f"{op}/{theirs}"]
+    for stat in STATS:
+        t, suffix = stats[stat], SUFFIX[stat]
+        row["seconds" + suffix] = t
+        row["copy_times" + suffix] = {k: v / t["copy"] for k, v in t.items()}
+        for op in ("train", "infer"):
+            for ours, theirs, key in PAIRS:
+                if f"{op}/{ours}" in t and f"{op}/{theirs}" in t:
+                    row[f"{op}_{key}{suffix}"] = t[f"{op}/{ours}"] / t[f"{op}/{theirs}"]
+    if engines:
+        row["auto_engine"] = engines
     return row
+
+
+PAIRS = (  # (ours, theirs, ratio key): the ratios each row reports
+    ("fused_act", "fused", "fused_act_vs_fused"),
+    ("fused", "torch", "fused_vs_torch"),
+    ("fused", "torch_channels_last", "fused_vs_torch_channels_last"),
+    ("bnlab_torch", "torch", "bnlab_torch_vs_torch"),
+    ("bnlab_torch_channels_last", "torch_channels_last", "bnlab_torch_vs_torch_channels_last"),
+    ("auto", "torch", "auto_vs_torch"),
+    ("auto_channels_last", "torch_channels_last", "auto_vs_torch_channels_last"),
+)
 
 
 def bench_seed_cnn(repeats: int, batch_size: int = 64) -> dict:
@@ -238,17 +283,27 @@ def bench_seed_cnn(repeats: int, batch_size: int = 64) -> dict:
             topt.step()
 
         fns["torch"] = theirs
-    med = _median_times(fns, repeats)
-    out = {"batch_size": batch_size, "seconds": med}
-    if "torch" in med:
-        out["bnlab_vs_torch"] = med["bnlab"] / med["torch"]
+    stats = _statistics(_round_times(fns, repeats))
+    out: dict = {"batch_size": batch_size}
+    for stat in STATS:
+        t, suffix = stats[stat], SUFFIX[stat]
+        out["seconds" + suffix] = t
+        if "torch" in t:
+            out["bnlab_vs_torch" + suffix] = t["bnlab"] / t["torch"]
     return out
 
 
-def torch_seed_cnn_step(convert: bool, batch_size: int = 64, channels=(32, 64)):
+def torch_seed_cnn_step(
+    convert: bool,
+    batch_size: int = 64,
+    channels=(32, 64),
+    channels_last: bool = False,
+    backend: str = "auto",
+):
     """A function running one training step (forward, loss, backward, SGD update) of the
     torch seed CNN on a fixed random batch, with torch's BN or after
-    ``bnlab.torch.convert`` (the same weights either way). Needs torch."""
+    ``bnlab.torch.convert`` (the same weights either way; ``backend`` set on every converted
+    layer), on contiguous or channels-last memory (model and batch). Needs torch."""
     import torch
 
     import bnlab.torch as bt
@@ -260,6 +315,12 @@ def torch_seed_cnn_step(convert: bool, batch_size: int = 64, channels=(32, 64)):
     net: torch.nn.Module = bt.models.seed_cnn(channels=channels)
     if convert:
         net = bt.convert(net)
+        for layer in net.modules():
+            if hasattr(layer, "backend"):
+                setattr(layer, "backend", backend)  # noqa: B010  (torch.nn.Module's typing)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), 0.01)
 
     def step():
@@ -270,23 +331,34 @@ def torch_seed_cnn_step(convert: bool, batch_size: int = 64, channels=(32, 64)):
     return step
 
 
+STEP_CANDIDATES = {  # name: (convert, backend)
+    "torch": (False, "auto"),
+    "bnlab_convert": (True, "auto"),
+    "bnlab_convert_numba": (True, "numba"),
+}
+
+
 def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> dict | None:
-    """:func:`torch_seed_cnn_step` with torch's BN and after ``bnlab.torch.convert``;
-    None without torch."""
+    """:func:`torch_seed_cnn_step` with torch's BN and after ``bnlab.torch.convert`` (as it
+    comes, ``backend="auto"``, and forced onto bnlab's kernels), on contiguous and on
+    channels-last memory, all interleaved; None without torch."""
     try:
         fns = {
-            "torch": torch_seed_cnn_step(False, batch_size, channels),
-            "bnlab_convert": torch_seed_cnn_step(True, batch_size, channels),
+            name + suffix: torch_seed_cnn_step(convert, batch_size, channels, cl, backend)
+            for suffix, cl in (("", False), ("_channels_last", True))
+            for name, (convert, backend) in STEP_CANDIDATES.items()
         }
     except ImportError:
         return None
-    med = _median_times(fns, repeats)
-    return {
-        "batch_size": batch_size,
-        "channels": list(channels),
-        "seconds": med,
-        "convert_vs_torch": med["bnlab_convert"] / med["torch"],
-    }
+    stats = _statistics(_round_times(fns, repeats))
+    out: dict = {"batch_size": batch_size, "channels": list(channels)}
+    for stat in STATS:
+        t, suffix = stats[stat], SUFFIX[stat]
+        out["seconds" + suffix] = t
+        for layout in ("", "_channels_last"):
+            for ours, key in (("bnlab_convert", "convert"), ("bnlab_convert_numba", "numba")):
+                out[f"{key}_vs_torch{layout}{suffix}"] = t[ours + layout] / t["torch" + layout]
+    return out
 
 
 def environment() -> dict:
@@ -312,7 +384,7 @@ def environment() -> dict:
 def run(
     shapes=None,
     dtypes=("float32", "float64"),
-    repeats: int = 21,
+    repeats: int = 41,
     cnn: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -337,8 +409,10 @@ def run(
     return result
 
 
-def format_table(result: dict) -> str:
-    """Times in copy-times (median time / median copy time, same run) and ratios to torch."""
+def format_table(result: dict, stat: str = "min") -> str:
+    """Times in copy-times (``stat`` of a candidate's rounds / the same statistic of the
+    copy's, same run) and ratios to torch, for ``stat`` "min" or "median"."""
+    suffix = SUFFIX[stat]
     cols = [
         ("ref", "reference", 6),
         ("fused", "fused", 7),
@@ -347,6 +421,8 @@ def format_table(result: dict) -> str:
         ("torchCL", "torch_channels_last", 8),
         ("bt", "bnlab_torch", 7),
         ("btCL", "bnlab_torch_channels_last", 7),
+        ("auto", "auto", 7),
+        ("autoCL", "auto_channels_last", 7),
     ]
     ratios = [
         ("relu/BN", "fused_act_vs_fused", 8),
@@ -354,54 +430,69 @@ def format_table(result: dict) -> str:
         ("fused/CL", "fused_vs_torch_channels_last", 9),
         ("bt/torch", "bnlab_torch_vs_torch", 9),
         ("btCL/CL", "bnlab_torch_vs_torch_channels_last", 8),
+        ("auto/torch", "auto_vs_torch", 11),
+        ("autoCL/CL", "auto_vs_torch_channels_last", 10),
     ]
     head = f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}" + "".join(
         f"{label:>{w}s}" for label, _, w in cols + ratios
     )
     lines = [
-        "times in copy-times (1.0 = np.copyto of the same tensor); ratios < 1: bnlab faster",
+        f"{stat} of {result['repeats']} interleaved rounds: times in copy-times (1.0 = "
+        "np.copyto of the same tensor); ratios < 1: bnlab faster",
         "fused: bnlab's kernels on NumPy arrays (+relu: BN+ReLU fused, BatchNormAct2d; "
         "relu/BN: its cost over BN alone); torch/torchCL: torch.nn's module on NCHW /"
-        " channels-last memory; bt/btCL: bnlab.torch's module on the same",
+        " channels-last memory; bt/btCL: bnlab.torch's module on bnlab's kernels, same "
+        "tensors; auto/autoCL: the same module with backend='auto'",
         head,
         "-" * len(head),
     ]
+
+    def cell(v, width):
+        return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
+
     for r in result["rows"]:
-        ct = r["copy_times"]
+        ct = r["copy_times" + suffix]
         for op in ("train", "infer"):
-
-            def cell(v, width):
-                return f"{v:{width}.2f}" if v is not None else f"{'-':>{width}s}"
-
+            ran = r.get("auto_engine", {})
+            engines = ", ".join(f"{k}: {v[op]}" for k, v in ran.items())
             lines.append(
-                f"{r['case']:20s}{r['dtype']:>9s}{op:>7s}{r['seconds']['copy'] * 1e3:9.2f}"
+                f"{r['case']:20s}{r['dtype']:>9s}{op:>7s}"
+                f"{r['seconds' + suffix]['copy'] * 1e3:9.2f}"
                 + "".join(cell(ct.get(f"{op}/{key}"), w) for _, key, w in cols)
-                + "".join(cell(r.get(f"{op}_{key}"), w) for _, key, w in ratios)
+                + "".join(cell(r.get(f"{op}_{key}{suffix}"), w) for _, key, w in ratios)
+                + (f"  auto ran {engines}" if engines else "")
             )
     cnn = result.get("seed_cnn_step")
     if cnn:
-        s = cnn["seconds"]
+        s = cnn["seconds" + suffix]
         line = f"\nseed CNN training step (batch {cnn['batch_size']}): bnlab {s['bnlab'] * 1e3:.1f} ms"
         if "torch" in s:
             line += (
-                f", PyTorch {s['torch'] * 1e3:.1f} ms, bnlab/PyTorch = {cnn['bnlab_vs_torch']:.2f}"
+                f", PyTorch {s['torch'] * 1e3:.1f} ms, bnlab/PyTorch = "
+                f"{cnn['bnlab_vs_torch' + suffix]:.2f}"
             )
         lines.append(line)
     step = result.get("torch_seed_cnn_step")
     if step:
-        s = step["seconds"]
+        s = step["seconds" + suffix]
         c1, c2 = step["channels"]
         lines.append(
-            f"torch seed CNN training step (channels {c1}/{c2}, batch "
-            f"{step['batch_size']}, SGD): torch BN {s['torch'] * 1e3:.1f} ms, after "
-            f"bnlab.torch.convert {s['bnlab_convert'] * 1e3:.1f} ms, "
-            f"ratio {step['convert_vs_torch']:.2f}"
+            f"torch seed CNN training step (channels {c1}/{c2}, batch {step['batch_size']}, "
+            "SGD), ms: torch BN / after bnlab.torch.convert (auto) / forced onto bnlab's kernels"
         )
+        for layout, name in (("", "contiguous"), ("_channels_last", "channels_last")):
+            lines.append(
+                f"  {name:14s}{s['torch' + layout] * 1e3:7.1f}"
+                f"{s['bnlab_convert' + layout] * 1e3:7.1f}"
+                f"{s['bnlab_convert_numba' + layout] * 1e3:7.1f}   ratios "
+                f"{step[f'convert_vs_torch{layout}{suffix}']:.2f}, "
+                f"{step[f'numba_vs_torch{layout}{suffix}']:.2f}"
+            )
     env = result["environment"]
     lines.append(
         f"\n{env['cpus']} CPUs, numba threads {env['numba_threads']}, numpy {env['numpy']}, "
         f"torch {env.get('torch')} (threads {env.get('torch_threads')}); "
-        f"medians of {result['repeats']} interleaved rounds"
+        f"{stat} of {result['repeats']} interleaved rounds"
     )
     return "\n".join(lines)
 

@@ -46,6 +46,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
 
+from .memory import OUTPUTS
+
 # Reassociation lets LLVM vectorize the reductions; no flags that would drop NaN/inf handling.
 _FM = {"reassoc", "contract"}
 
@@ -407,10 +409,11 @@ def _params(gamma, beta, C):
 
 
 def _out(out, v):
-    """A fresh array like ``v``, or ``out`` (any C-contiguous array of x's shape and dtype,
-    e.g. a NumPy view of a torch tensor) reshaped like ``v``."""
+    """A new array like ``v`` (large ones on reused memory, :mod:`bnlab.kernels.memory`), or
+    ``out`` (any C-contiguous array of x's shape and dtype, e.g. a NumPy view of a torch
+    tensor) reshaped like ``v``."""
     if out is None:
-        return np.empty_like(v)
+        return OUTPUTS.empty(v.shape, v.dtype)
     if out.dtype != v.dtype or out.size != v.size or not out.flags.c_contiguous:
         raise ValueError(
             f"out must be a C-contiguous {v.dtype} array of {v.size} elements, "

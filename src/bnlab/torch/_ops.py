@@ -47,10 +47,7 @@ This module has no ``from __future__ import annotations``: ``custom_op`` reads t
 from the annotations, and torch 2.4 needs them as real types.
 """
 
-import ctypes
 import math
-import sys
-import threading
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
@@ -59,6 +56,7 @@ from torch import Tensor
 
 from .. import functional as F
 from .. import kernels
+from ..kernels import memory
 from . import engine, reference
 from .layout import memory_format
 
@@ -114,82 +112,40 @@ def _grad_views(dy: Tensor, x: Tensor):
     return xv, dyv, axis, dx, dxv
 
 
-LARGE = 4 << 20  # bytes: outputs from here on come from _Outputs (NumPy's huge-page threshold)
-_HUGE = 2 << 20  # a transparent huge page
+class _Outputs(memory.Reuse):
+    """Memory for large outputs (:data:`bnlab.kernels.memory.LARGE` bytes and more),
+    torch-allocated and reused: :class:`bnlab.kernels.memory.Reuse`'s bookkeeping on torch
+    storages. A storage is free once its use count is 1 (no tensor, view, autograd graph
+    or storage object of the user's refers to it). An output is an ordinary tensor on such
+    a storage (``set_``, an offset into it; not a view), so ``resize_``, ``share_memory_``
+    and every storage method work. Measured by tools/output_alloc.py."""
 
+    def allocate(self, nbytes: int) -> torch.UntypedStorage:
+        return torch.UntypedStorage(nbytes)
 
-class _Outputs:
-    """Memory for large outputs (``LARGE`` bytes and more), torch-allocated and reused.
+    def address(self, buf: torch.UntypedStorage) -> int:
+        return buf.data_ptr()
 
-    Why: a fresh 16 MiB tensor from torch's CPU allocator is 4096 newly mapped 4 KiB pages,
-    each a page fault and a page the kernel zeroes on first write, at every call (torch
-    asks for 64-byte-aligned memory, and glibc serves each such request with a new mapping
-    where it reuses the heap for NumPy's plain ``malloc``). So the storages of large outputs
-    are kept (at most ``KEEP`` bytes of them, the most recent) and handed out again once
-    nothing else holds them (storage use count 1: no tensor, view, autograd graph or
-    storage object of the user's refers to it). New ones start on a 2 MiB boundary and are
-    advised to use transparent huge pages. An output is an ordinary tensor on such a
-    storage (``set_``, an offset into it; not a view). Measured by tools/output_alloc.py."""
+    def nbytes(self, buf: torch.UntypedStorage) -> int:
+        return buf.nbytes()
 
-    KEEP = 256 << 20
-
-    def __init__(self):
-        self._kept: list[tuple[torch.UntypedStorage, int]] = []  # (storage, byte offset)
-        self._lock = threading.Lock()
+    def held(self, buf: torch.UntypedStorage) -> bool:
+        return torch._C._storage_Use_Count(buf._cdata) != 1
 
     def empty(self, shape, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
-        if math.prod(shape) * dtype.itemsize < LARGE:
+        if math.prod(shape) * dtype.itemsize < memory.LARGE:
             return torch.empty(shape, dtype=dtype, memory_format=fmt)
         layout = torch.empty(shape, dtype=dtype, device="meta", memory_format=fmt)  # strides
-        n = layout.numel() * layout.element_size()
-        with self._lock:  # claim (use count 2) before another thread can
-            storage, offset = self._free(n) or self._new(n)
-            return torch.empty(0, dtype=dtype).set_(
-                storage, offset // layout.element_size(), layout.shape, layout.stride()
-            )
-
-    def _free(self, n: int):
-        for i, (storage, offset) in enumerate(self._kept):
-            if storage.nbytes() == n + _HUGE and torch._C._storage_Use_Count(storage._cdata) == 1:
-                self._kept.append(self._kept.pop(i))  # most recently used last
-                return storage, offset
-        return None
-
-    def _new(self, n: int):
-        storage = torch.UntypedStorage(n + _HUGE)
-        start = (storage.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        if _MADVISE is not None:
-            _MADVISE(
-                start, (storage.data_ptr() + n + _HUGE - start) & ~(_PAGE - 1), _MADV_HUGEPAGE
-            )
-        self._kept.append((storage, start - storage.data_ptr()))
-        while sum(s.nbytes() for s, _ in self._kept) > self.KEEP and len(self._kept) > 1:
-            self._kept.pop(0)  # forget the oldest (still in use or not)
-        return self._kept[-1]
-
-    def clear(self) -> None:
-        """Forget every kept storage (their memory is freed once no output uses it)."""
-        with self._lock:
-            self._kept.clear()
+        size = layout.element_size()
+        return self.take(
+            layout.numel() * size,
+            lambda storage, at: torch.empty(0, dtype=dtype).set_(
+                storage, at // size, layout.shape, layout.stride()
+            ),
+        )
 
 
 OUTPUTS = _Outputs()
-
-
-def _madvise():
-    """libc's madvise, or None where there is none (then outputs take the kernel's default)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return fn
-
-
-_MADVISE = _madvise() if sys.platform.startswith("linux") else None
-_MADV_HUGEPAGE = 14
-_PAGE = 4096
 
 
 def _own(t: Tensor) -> np.ndarray:

@@ -24,7 +24,9 @@ package) that names what it does not take; it never hands the call elsewhere.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +82,7 @@ RULES = (
         False,
         False,
         "statistics accumulated in float64",
+        measured=True,
     ),
     Rule(
         "reference",
@@ -253,29 +256,73 @@ def _refusal(rule: Rule, x: torch.Tensor, params, forced: bool) -> str | None:
     return None
 
 
-def faster_on_cuda(training: bool, x: torch.Tensor) -> bool:
-    """bnlab's Triton kernels were measured faster than torch's kernel for inputs like x
-    (:data:`bnlab.torch.measured.MEASURED`, a committed GPU bench run): among the
-    measurements of x's mode (training step or inference), layout and dtype, the nearest
-    one at x's size or below is a win, and so is the nearest one at or above it (if any).
-    Between a loss and a win, below the smallest measurement, and for anything not
-    measured, torch's kernel: ``auto`` is never slower than torch where it is known, and
-    torch where it is not."""
-    from .measured import MEASURED
-
-    mode = "train" if training else "infer"
+def layout_kind(x: torch.Tensor) -> str:
+    """How the kernels see ``x``, as the measurements are keyed: "channels_first"
+    (contiguous memory with a spatial size > 1: NCHW, NCDHW, (N, C, L)), "channels_last"
+    (channels-last memory with a spatial size > 1) or "features" (no spatial extent: (N, C),
+    and (N, C, 1...) in either memory)."""
     spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
-    first = memory_format(x) == torch.contiguous_format and x.dim() >= 3 and spatial > 1
-    kind = (
-        mode,
-        "channels_first" if first else "channels_last",
-        str(x.dtype).removeprefix("torch."),
-    )
-    rows = sorted((m, ratio < 1.0) for *k, m, ratio in MEASURED if tuple(k) == kind)
+    if x.dim() < 3 or spatial == 1:
+        return "features"
+    return "channels_first" if memory_format(x) == torch.contiguous_format else "channels_last"
+
+
+AUTO_MODES = ("measured", "kernels")
+
+
+def weighs() -> bool:
+    """Whether ``auto`` weighs bnlab's kernels against torch's by the measurements: the
+    environment variable ``BNLAB_AUTO``, "measured" (the default: bnlab's kernels only where
+    measured faster, :func:`faster_than_torch`) or "kernels" (bnlab's kernels wherever they
+    take the input, whatever the speed: float64-accumulated statistics on every CPU call, or
+    one engine for every batch size)."""
+    mode = os.environ.get("BNLAB_AUTO", "measured")
+    if mode not in AUTO_MODES:
+        raise ValueError(f"BNLAB_AUTO must be one of {AUTO_MODES}, got {mode!r}")
+    return mode == "measured"
+
+
+def faster_than_torch(engine: str, training: bool, x: torch.Tensor) -> bool:
+    """``engine``'s kernels were measured faster than torch's kernel for inputs like x
+    (:data:`bnlab.torch.measured.MEASURED`: a committed GPU bench run for "triton", a
+    committed CPU run for "numba"): among the measurements of x's mode (training step or
+    inference), layout (:func:`layout_kind`) and dtype, the nearest one at x's size or
+    below is a win, and so is the nearest one at or above it (if any). Between a loss and a
+    win, below the smallest measurement, and for anything not measured, torch's kernel:
+    ``auto`` is never slower than torch where it is known, and torch where it is not."""
+    kind = (engine, "train" if training else "infer", layout_kind(x), _DTYPE_NAMES.get(x.dtype))
+    sizes, wins = _measurements().get(kind, ((), ()))
     n = x.numel()
-    below = [win for m, win in rows if m <= n]
-    above = [win for m, win in rows if m >= n]
-    return bool(below) and below[-1] and (not above or above[0])
+    i = bisect.bisect_right(sizes, n)  # sizes[:i] <= n
+    if i == 0 or not wins[i - 1]:
+        return False  # nothing measured at or below n, or the nearest there is a loss
+    if sizes[i - 1] == n:
+        return True
+    return i == len(sizes) or wins[i]  # the nearest above n, if any, must be a win too
+
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+_index: list = [None, {}]  # [the MEASURED object indexed, {kind: (sizes, wins)}]
+
+
+def _measurements() -> dict:
+    """:data:`bnlab.torch.measured.MEASURED` indexed by (engine, mode, layout, dtype):
+    sorted sizes and whether bnlab won at each; rebuilt when the table object changes."""
+    from . import measured
+
+    if _index[0] is not measured.MEASURED:
+        rows: dict = {}
+        for engine, table in measured.MEASURED.items():
+            for mode, layout, dtype, n, ratio in table:
+                rows.setdefault((engine, mode, layout, dtype), []).append((n, ratio < 1.0))
+        _index[1] = {k: tuple(zip(*sorted(v))) for k, v in rows.items()}
+        _index[0] = measured.MEASURED
+    return _index[1]
 
 
 def select(
@@ -290,15 +337,16 @@ def select(
 ) -> str:
     """The engine for a call on ``x`` with ``params`` = (running_mean, running_var, weight,
     bias) as they are passed (None where not used); ``update``: the call updates running
-    statistics; ``training``: batch statistics (for :func:`faster_on_cuda`); ``measured``:
+    statistics; ``training``: batch statistics (for :func:`faster_than_torch`); ``measured``:
     False where only bnlab's kernels can run the call (SyncBatchNorm's collectives), so
-    ``auto`` does not weigh Triton against torch's kernel.
+    ``auto`` does not weigh them against torch's kernel.
 
     ``auto``: the reference with ``mask`` or under transforms (there, torch's kernel if
     running statistics are updated: a transform cannot mutate buffers, and torch raises
     its own error for it); else the first rule of
-    :data:`RULES` that takes the input, whose package imports and (Triton) that was
-    measured faster than torch's kernel for such input (:func:`faster_on_cuda`); torch's
+    :data:`RULES` that takes the input, whose package imports and that was measured faster
+    than torch's kernel for such input on its device (:func:`faster_than_torch`; not weighed
+    with ``BNLAB_AUTO=kernels``, :func:`weighs`); torch's
     kernel for anything else (so the error for an input torch rejects is torch's own). A forced
     backend returns itself or raises.
     """
@@ -322,9 +370,15 @@ def select(
             return "native" if update and mask is None else "reference"
         if x.dim() < 2 or x.numel() == 0:
             return "native"
+        device = x.device.type
         for rule in RULES[:2]:
-            if x.device.type in rule.devices and _refusal(rule, x, params, False) is None:
-                if rule.measured and measured and not faster_on_cuda(training, x):
+            if device in rule.devices and _refusal(rule, x, params, False) is None:
+                if (
+                    rule.measured
+                    and measured
+                    and weighs()
+                    and not faster_than_torch(rule.engine, training, x)
+                ):
                     continue  # torch's kernel is faster here: native, with bnlab's guard
                 if available(rule.engine):
                     return rule.engine
@@ -458,6 +512,15 @@ def _plain(b) -> bool:
     return b is not None and b.device.type == "cpu" and b.dtype in _NUMPY and b.is_contiguous()
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Every value of bnlab's own CPU tensor ``t`` is finite (NumPy on float32/float64: a
+    few microseconds less than a torch op, once per training step)."""
+    t = t.detach()
+    if t.dtype in _NUMPY:
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
 def _host(v: torch.Tensor) -> np.ndarray:
     """A (C,) batch statistic (bnlab's own tensor, never a user's) as a float64 NumPy
     array, a view where it already is one."""
@@ -475,7 +538,7 @@ def commit(pairs, num_batches_tracked=None) -> None:
     pairs = [(b, n) for b, n in pairs if b is not None]
     with torch.no_grad():
         if all(b.device.type == "cpu" for b, _ in pairs):
-            if all(bool(torch.isfinite(n).all()) for _, n in pairs):
+            if all(_finite(n) for _, n in pairs):
                 for b, n in pairs:
                     b.copy_(n)
                 if num_batches_tracked is not None:
