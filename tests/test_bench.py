@@ -60,6 +60,9 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
 
     medians.update({"train/auto": 6.0, "infer/auto": 3.0, "train/auto_channels_last": 4.0,
                     "infer/auto_channels_last": 8.0})
+    medians.update({"train/torch_again": 13.2, "infer/torch_again": 0.9,  # the control
+                    "train/torch_again_channels_last": 8.0,
+                    "infer/torch_again_channels_last": 5.0})
 
     def fake_rounds(fns, repeats):  # three rounds: the median as given, the minimum half
         for name, fn in fns.items():
@@ -83,6 +86,9 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
     assert row["infer_bnlab_torch_vs_torch"] == 1.0
     assert row["infer_bnlab_torch_vs_torch_channels_last"] == 0.5
     assert row["train_auto_vs_torch"] == 0.5 and row["infer_auto_vs_torch_channels_last"] == 2.0
+    assert row["train_torch_again_vs_torch"] == pytest.approx(1.1)
+    assert row["infer_torch_again_vs_torch"] == pytest.approx(0.9)
+    assert row["infer_torch_again_vs_torch_channels_last"] == 1.25
     # the minimum's own copy-times and ratios (here every minimum is half the median)
     assert row["copy_times_min"]["train/fused"] == 3.0 and row["seconds_min"]["copy"] == 1.0
     assert row["train_fused_vs_torch_min"] == 0.5
@@ -95,7 +101,8 @@ def test_bench_case_times_the_right_calls_and_reports_ratios(monkeypatch):
         assert line.split()[:20] == [
             "t", "float32", "train", copy_ms, "20.00", "3.00", "3.30", "6.00", "4.00", "2.00",
             "3.00", "3.00", "2.00", "1.10", "0.50", "0.75", "0.33", "0.75", "0.50", "0.50"]
-        assert line.split()[20:23] == ["auto", "ran", "auto:"]
+        assert line.split()[20:22] == ["1.10", "1.00"]  # the control, NCHW and channels-last
+        assert line.split()[22:25] == ["auto", "ran", "auto:"]
 
 
 def test_bench_run_and_table(tmp_path):
@@ -115,6 +122,12 @@ def test_bench_run_and_table(tmp_path):
     assert result["seed_cnn_step"]["seconds"]["bnlab"] > 0
     step = result["torch_seed_cnn_step"]
     assert step["seconds"]["bnlab_convert"] > 0 and step["convert_vs_torch"] > 0
+    assert step["torch_again_vs_torch_channels_last_min"] > 0  # the control
+    assert step["bn_share_min"] == 1 - (step["seconds_min"]["torch_without_bn"]
+                                        / step["seconds_min"]["torch"])
+    assert "BN's share of torch's step" in bench.format_table(result)
+    assert rows[0]["train_torch_again_vs_torch_min"] > 0
+    assert "infer_torch_again_vs_torch" in rows[2] and "control" in bench.format_table(result)
     table = bench.format_table(result)
     assert "NCHW tiny" in table and "seed CNN training step" in table
     assert "bnlab.torch.convert" in table
@@ -152,7 +165,8 @@ def test_bench_ranges_judge_the_minimum_targets_on_the_minima(tmp_path, capsys):
                "train_fused_vs_torch_channels_last": median_ratio}
         if with_min:
             row.update(copy_times_min={"train/fused": 2.5},
-                       train_fused_vs_torch_channels_last_min=min_ratio)
+                       train_fused_vs_torch_channels_last_min=min_ratio,
+                       infer_torch_again_vs_torch_min=2 * min_ratio)  # a control
         return {"rows": [row]}
 
     paths = []
@@ -164,6 +178,8 @@ def test_bench_ranges_judge_the_minimum_targets_on_the_minima(tmp_path, capsys):
     assert out.startswith("2 runs:")  # the run without minima is left out
     assert "| NHWC f32 train <= 0.8 x torch channels_last | 0.70 - 0.90 | 1 of 2 runs |" in out
     assert "| NHWC f32 train <= 3.0 copy-times | 2.50 - 2.50 | 2 of 2 runs |" in out
+    # a control has a range and no target
+    assert "| control: torch.nn / torch.nn eval, NCHW, every case | 1.40 - 1.80 | (2 runs) |" in out
     assert tool["main"](paths) == 0  # the median targets: every run
     assert "3 runs:" in capsys.readouterr().out
 

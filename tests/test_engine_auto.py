@@ -44,7 +44,8 @@ def test_the_table_is_generated_from_the_committed_bench_run():
 def test_auto_takes_the_faster_one_on_every_measured_case(row):
     x = meta(row["shape"], row["dtype"], row["memory_format"])
     for training, key in ((True, "train_bnlab_vs_torch"), (False, "infer_bnlab_vs_torch")):
-        assert engine.faster_than_torch("triton", training, x) == (row[key] < 1.0), (
+        win = row[key] < engine.WIN_BELOW["triton"]
+        assert engine.faster_than_torch("triton", training, x) == win, (
             row["case"], key)
 
 
@@ -119,7 +120,20 @@ def test_auto_on_cpu_takes_the_faster_one_on_every_measured_case(row):
         x = x.contiguous(memory_format=torch.channels_last)
     for training in (True, False):
         key = f"{'train' if training else 'infer'}_bnlab_vs_torch_min"
-        assert engine.faster_than_torch("numba", training, x) == (row[key] < 1.0), key
+        win = row[key] < engine.WIN_BELOW["numba"]
+        assert engine.faster_than_torch("numba", training, x) == win, key
+
+
+def test_a_cpu_win_must_beat_the_noise(monkeypatch):
+    """On CPU a measured ratio counts as numba's win only under 0.9 (a single run's ratio
+    moves by about 10%); on the GPU under 1.0."""
+    x = torch.empty((4, 16, 8, 8), device="meta")
+    for ratio, win in ((0.95, False), (0.9, False), (0.89, True)):
+        table = {"triton": [("train", "channels_first", "float32", 4096, ratio)],
+                 "numba": [("train", "channels_first", "float32", 4096, ratio)]}
+        monkeypatch.setattr(measured, "MEASURED", table)
+        assert engine.faster_than_torch("numba", True, x) is win, ratio
+        assert engine.faster_than_torch("triton", True, x) is True, ratio
 
 
 def _ran(monkeypatch, fn):
@@ -146,15 +160,16 @@ def test_auto_on_cpu_runs_what_the_table_says_and_kernels_mode_runs_bnlab(monkey
     import bnlab.torch as bt
 
     win = loss = None
+    WIN = engine.WIN_BELOW["numba"]
     for row in CPU["rows"]:
         if row["layout"] == "NCHW" and row["dtype"] == "float32" and len(row["shape"]) == 4:
             n = 1
             for d in row["shape"]:
                 n *= d
             if n <= 1 << 20:
-                if row["train_bnlab_vs_torch_min"] < 1.0 and win is None:
+                if row["train_bnlab_vs_torch_min"] < WIN and win is None:
                     win = row
-                if row["train_bnlab_vs_torch_min"] >= 1.0:
+                if row["train_bnlab_vs_torch_min"] >= WIN:
                     loss = row
     assert win is not None and loss is not None, "the table has a win and a loss to test"
     for row, want in ((win, {"numba"}), (loss, {"native"})):
@@ -170,7 +185,7 @@ def test_auto_on_cpu_runs_what_the_table_says_and_kernels_mode_runs_bnlab(monkey
         bn(nan)
         assert torch.equal(bn.running_mean, before)  # the guard, on whichever engine ran
         bn.eval()
-        want = {"numba" if row["infer_bnlab_vs_torch_min"] < 1.0 else "native"}  # its own ratio
+        want = {"numba" if row["infer_bnlab_vs_torch_min"] < WIN else "native"}  # its own
         assert _ran(monkeypatch, lambda: bn(x)) == want
         monkeypatch.undo()
         monkeypatch.delenv("BNLAB_AUTO", raising=False)

@@ -265,6 +265,59 @@ def test_functional_nonfinite_batch_guard():
     assert not torch.isfinite(rm[0])
 
 
+def test_held_views_follow_the_tensor_and_do_not_keep_it():
+    """The NumPy views of parameters and buffers kept between steps: the same view while
+    the tensor keeps its memory, a new one when ``.data`` moves it (dtype included), none
+    for what NumPy cannot update in place, and the entry goes with the tensor."""
+    import gc
+    import weakref
+
+    from bnlab.torch import engine
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    v = engine.held_view(p)
+    assert engine.held_view(p) is v
+    v[1] = 5.0  # a view: writes reach the tensor
+    assert p[1].item() == 5.0
+    p.data = torch.ones(4)
+    v2 = engine.held_view(p)
+    assert v2 is not v and (v2 == 1).all()
+    p.data = torch.full((4,), 2.0, dtype=torch.float64)
+    v3 = engine.held_view(p)
+    assert v3.dtype == np.float64 and (v3 == 2).all()
+    p.data = torch.zeros(4, dtype=torch.float16)
+    assert engine.held_view(p) is None
+    assert engine.held_view(torch.zeros(8)[::2]) is None  # not contiguous
+    assert engine.held_views((torch.zeros(3), None, torch.zeros(8)[::2])) is None
+    assert [a.size for a in engine.held_views((torch.zeros(3), None, torch.ones(2)))] == [3, 2]
+    b = torch.zeros(3)
+    engine.held_view(b)
+    gone, key = weakref.ref(b), id(b)
+    del b, p, v, v2, v3
+    gc.collect()
+    assert gone() is None and key not in engine._HELD
+
+
+def test_all_finite_is_exact_at_the_extremes():
+    """The guard's check: finite values of any size pass (no overflow), one NaN or infinity
+    of either sign fails, and NumPy says nothing about it."""
+    import warnings
+
+    from bnlab.torch import engine
+
+    big32 = np.full(7, np.finfo(np.float32).max, np.float32)
+    big64 = np.full(5, np.finfo(np.float64).max)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.all_finite([big32, -big64, np.zeros(1)])
+        for bad in (np.nan, np.inf, -np.inf):
+            a = big32.copy()
+            a[3] = bad
+            assert not engine.all_finite([np.zeros(2), a])
+        assert not engine.all_finite([np.array([np.inf, -np.inf])])
+        assert not engine.all_finite([np.array([[1.0, np.nan]])])  # any shape
+
+
 # --- errors are torch's -------------------------------------------------------------------
 
 

@@ -4,7 +4,8 @@ Every figure in those tables is the range (min - max) of one ratio over the JSON
 given, each written by ``bnlab bench --json FILE``, with how many runs met the target.
 Two tables: the earlier targets on the medians (every run), and the targets of the CPU
 work that judges on the minimum of the interleaved rounds (``--min``: runs that report
-minima, run 8 on). Usage:
+minima, run 8 on), with the controls' ranges below them (torch against itself, run 11
+on; no target). Usage:
 
     .venv/bin/python tools/bench_ranges.py docs/bench/run-*.json
     .venv/bin/python tools/bench_ranges.py --min docs/bench/run-*.json
@@ -76,6 +77,20 @@ TARGETS_MIN = [
      "numba_vs_torch", 0.9),
     ("torch seed CNN step, on bnlab's kernels, channels_last", "torch step", None,
      "numba_vs_torch_channels_last", 0.9),
+    # controls (no target): a second torch.nn module or model against the first, same code
+    # both sides, so how far these stray from 1 is how far noise moves a ratio (run 11 on)
+    ("control: torch.nn / torch.nn train, NCHW, every case", "all", None,
+     "train_torch_again_vs_torch", None),
+    ("control: torch.nn / torch.nn train, channels_last, every 4-D case", "4-D", None,
+     "train_torch_again_vs_torch_channels_last", None),
+    ("control: torch.nn / torch.nn eval, NCHW, every case", "all", None,
+     "infer_torch_again_vs_torch", None),
+    ("control: torch.nn / torch.nn eval, channels_last, every 4-D case", "4-D", None,
+     "infer_torch_again_vs_torch_channels_last", None),
+    ("control: torch seed CNN step / itself, NCHW", "torch step", None,
+     "torch_again_vs_torch", None),
+    ("control: torch seed CNN step / itself, channels_last", "torch step", None,
+     "torch_again_vs_torch_channels_last", None),
 ]
 
 
@@ -107,6 +122,9 @@ def table(runs, targets=TARGETS, suffix="") -> str:
             lines.append(f"| {label} | not measured | - |")
             continue
         measured = [found for found in per_run if found]  # runs that have this ratio
+        if limit is None:  # a control: no target to meet
+            lines.append(f"| {label} | {min(vs):.2f} - {max(vs):.2f} | ({len(measured)} runs) |")
+            continue
         met = sum(max(found) <= limit for found in measured)
         lines.append(f"| {label} | {min(vs):.2f} - {max(vs):.2f} | {met} of {len(measured)} runs |")
     return "\n".join(lines)

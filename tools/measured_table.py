@@ -80,7 +80,12 @@ MEASURED = {{
 def summary(cpu: dict) -> str:
     """A Markdown table of where the numba kernels won on CPU (docs/performance.md shows it,
     tests/test_engine_auto.py checks it is this): per layout and dtype, the ratio bnlab /
-    torch (minima) at each measured size, a win in bold."""
+    torch (minima) at each measured size, in bold where it counts as a win (under
+    ``bnlab.torch.engine.WIN_BELOW["numba"]``)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from bnlab.torch.engine import WIN_BELOW
+
+    win = WIN_BELOW["numba"]
     rows = {}
     sizes = set()
     for r in cpu["rows"]:
@@ -99,7 +104,7 @@ def summary(cpu: dict) -> str:
         cells = []
         for n in sizes:
             v = by_size.get(n)
-            cells.append("-" if v is None else f"**{v:.2f}**" if v < 1.0 else f"{v:.2f}")
+            cells.append("-" if v is None else f"**{v:.2f}**" if v < win else f"{v:.2f}")
         name = {"train": "training step", "infer": "inference"}[mode]
         lines.append(f"| {name} | {layout} | {dtype} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -25,6 +25,11 @@ statistic of the copy) and ratios (keys ending in ``_min`` for the minimum):
   the same module with ``backend="auto"``, which runs torch's kernel where the committed
   CPU measurements (:mod:`bnlab.torch.measured`) found it faster; the row says which engine
   it ran (``auto_engine``).
+* ``torch_again`` and ``torch_again_channels_last``: a second ``torch.nn`` module, same
+  state, same tensors: a control. Both sides run the same code, so how far
+  ``torch_again_vs_torch`` strays from 1 in a run is how far this machine's noise moves a
+  ratio of two candidates: a bnlab ratio within that distance of a target is not told
+  apart from it.
 
 "train" is forward with batch statistics + backward (dx, dgamma, dbeta); "infer" is the
 forward with running statistics. Every candidate allocates its outputs, as in real use.
@@ -129,7 +134,10 @@ def _torch_fns(case: Case, x, dy, gamma, beta, mean, var):
     variants = [("", False)]  # 4-D: NCHW memory; 4-D rows also time channels-last
     if rank == 4:
         variants.append(("_channels_last", True))
-    owners: list[tuple[str, type, str | None]] = [("torch", getattr(torch.nn, name), None)]
+    owners: list[tuple[str, type, str | None]] = [
+        ("torch", getattr(torch.nn, name), None),
+        ("torch_again", getattr(torch.nn, name), None),  # the control: same code both sides
+    ]
     if case.dtype != "float16":  # float16 on CPU is torch's own path in bnlab.torch
         owners += [
             ("bnlab_torch", getattr(bt, name), "numba"),
@@ -233,6 +241,8 @@ PAIRS = (  # (ours, theirs, ratio key): the ratios each row reports
     ("bnlab_torch_channels_last", "torch_channels_last", "bnlab_torch_vs_torch_channels_last"),
     ("auto", "torch", "auto_vs_torch"),
     ("auto_channels_last", "torch_channels_last", "auto_vs_torch_channels_last"),
+    ("torch_again", "torch", "torch_again_vs_torch"),
+    ("torch_again_channels_last", "torch_channels_last", "torch_again_vs_torch_channels_last"),
 )
 
 
@@ -299,11 +309,13 @@ def torch_seed_cnn_step(
     channels=(32, 64),
     channels_last: bool = False,
     backend: str = "auto",
+    bn: bool = True,
 ):
     """A function running one training step (forward, loss, backward, SGD update) of the
     torch seed CNN on a fixed random batch, with torch's BN or after
     ``bnlab.torch.convert`` (the same weights either way; ``backend`` set on every converted
-    layer), on contiguous or channels-last memory (model and batch). Needs torch."""
+    layer), or without BN (``bn=False``: what BN's share of the step is measured against),
+    on contiguous or channels-last memory (model and batch). Needs torch."""
     import torch
 
     import bnlab.torch as bt
@@ -312,7 +324,7 @@ def torch_seed_cnn_step(
     x = torch.rand(batch_size, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (batch_size,), generator=g)
     loss = torch.nn.CrossEntropyLoss()
-    net: torch.nn.Module = bt.models.seed_cnn(channels=channels)
+    net: torch.nn.Module = bt.models.seed_cnn(bn, channels=channels)
     if convert:
         net = bt.convert(net)
         for layer in net.modules():
@@ -331,22 +343,27 @@ def torch_seed_cnn_step(
     return step
 
 
-STEP_CANDIDATES = {  # name: (convert, backend)
-    "torch": (False, "auto"),
-    "bnlab_convert": (True, "auto"),
-    "bnlab_convert_numba": (True, "numba"),
+STEP_CANDIDATES = {  # name: (convert, backend, bn)
+    "torch": (False, "auto", True),
+    "torch_again": (False, "auto", True),  # the control: a second torch model, same weights
+    "bnlab_convert": (True, "auto", True),
+    "bnlab_convert_numba": (True, "numba", True),
+    "torch_without_bn": (False, "auto", False),  # for BN's share of the step
 }
 
 
 def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> dict | None:
     """:func:`torch_seed_cnn_step` with torch's BN and after ``bnlab.torch.convert`` (as it
     comes, ``backend="auto"``, and forced onto bnlab's kernels), on contiguous and on
-    channels-last memory, all interleaved; None without torch."""
+    channels-last memory, all interleaved, with a second torch model as the control
+    (``torch_again_vs_torch``: the noise of a ratio) and the model without BN
+    (``bn_share``: 1 - its time / torch's, the fraction of torch's step that BN takes);
+    None without torch."""
     try:
         fns = {
-            name + suffix: torch_seed_cnn_step(convert, batch_size, channels, cl, backend)
+            name + suffix: torch_seed_cnn_step(convert, batch_size, channels, cl, backend, bn)
             for suffix, cl in (("", False), ("_channels_last", True))
-            for name, (convert, backend) in STEP_CANDIDATES.items()
+            for name, (convert, backend, bn) in STEP_CANDIDATES.items()
         }
     except ImportError:
         return None
@@ -356,8 +373,15 @@ def bench_torch_step(repeats: int, batch_size: int = 64, channels=(32, 64)) -> d
         t, suffix = stats[stat], SUFFIX[stat]
         out["seconds" + suffix] = t
         for layout in ("", "_channels_last"):
-            for ours, key in (("bnlab_convert", "convert"), ("bnlab_convert_numba", "numba")):
+            for ours, key in (
+                ("bnlab_convert", "convert"),
+                ("bnlab_convert_numba", "numba"),
+                ("torch_again", "torch_again"),
+            ):
                 out[f"{key}_vs_torch{layout}{suffix}"] = t[ours + layout] / t["torch" + layout]
+            out[f"bn_share{layout}{suffix}"] = (
+                1 - t["torch_without_bn" + layout] / t["torch" + layout]
+            )
     return out
 
 
@@ -432,6 +456,8 @@ def format_table(result: dict, stat: str = "min") -> str:
         ("btCL/CL", "bnlab_torch_vs_torch_channels_last", 8),
         ("auto/torch", "auto_vs_torch", 11),
         ("autoCL/CL", "auto_vs_torch_channels_last", 10),
+        ("t/t", "torch_again_vs_torch", 6),
+        ("CL/CL", "torch_again_vs_torch_channels_last", 7),
     ]
     head = f"{'case':20s}{'dtype':>9s}{'op':>7s}{'copy ms':>9s}" + "".join(
         f"{label:>{w}s}" for label, _, w in cols + ratios
@@ -442,7 +468,8 @@ def format_table(result: dict, stat: str = "min") -> str:
         "fused: bnlab's kernels on NumPy arrays (+relu: BN+ReLU fused, BatchNormAct2d; "
         "relu/BN: its cost over BN alone); torch/torchCL: torch.nn's module on NCHW /"
         " channels-last memory; bt/btCL: bnlab.torch's module on bnlab's kernels, same "
-        "tensors; auto/autoCL: the same module with backend='auto'",
+        "tensors; auto/autoCL: the same module with backend='auto'; t/t, CL/CL: a second "
+        "torch.nn module against the first (the control: same code, so the noise of a ratio)",
         head,
         "-" * len(head),
     ]
@@ -479,14 +506,23 @@ def format_table(result: dict, stat: str = "min") -> str:
         lines.append(
             f"torch seed CNN training step (channels {c1}/{c2}, batch {step['batch_size']}, "
             "SGD), ms: torch BN / after bnlab.torch.convert (auto) / forced onto bnlab's kernels"
+            " / torch BN again (the control)"
         )
         for layout, name in (("", "contiguous"), ("_channels_last", "channels_last")):
+            again = f"torch_again_vs_torch{layout}{suffix}"
             lines.append(
                 f"  {name:14s}{s['torch' + layout] * 1e3:7.1f}"
                 f"{s['bnlab_convert' + layout] * 1e3:7.1f}"
-                f"{s['bnlab_convert_numba' + layout] * 1e3:7.1f}   ratios "
-                f"{step[f'convert_vs_torch{layout}{suffix}']:.2f}, "
+                f"{s['bnlab_convert_numba' + layout] * 1e3:7.1f}"
+                + (f"{s['torch_again' + layout] * 1e3:7.1f}" if again in step else "")
+                + f"   ratios {step[f'convert_vs_torch{layout}{suffix}']:.2f}, "
                 f"{step[f'numba_vs_torch{layout}{suffix}']:.2f}"
+                + (f", control {step[again]:.2f}" if again in step else "")
+                + (
+                    f"; BN's share of torch's step {step[share]:.0%}"
+                    if (share := f"bn_share{layout}{suffix}") in step
+                    else ""
+                )
             )
     env = result["environment"]
     lines.append(

@@ -159,8 +159,10 @@ def _vec(t: Optional[Tensor]) -> Optional[np.ndarray]:
 
 
 def _arr(t: Tensor) -> np.ndarray:
-    """A (C,) tensor (contiguous float32/float64 CPU) as NumPy, without a copy where it can."""
-    return _view(t.detach().contiguous())
+    """A (C,) tensor (float32/float64 CPU) as NumPy, without a copy where it can (a
+    parameter's or buffer's view kept between steps, :func:`bnlab.torch.engine.held_view`)."""
+    view = engine.held_view(t)
+    return _view(t.detach().contiguous()) if view is None else view
 
 
 def _numba():

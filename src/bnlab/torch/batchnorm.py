@@ -35,6 +35,7 @@ class _BatchNorm(_Host):
 
     backend = "auto"
     pools_statistics = True  # a batch's statistics are its own (bnlab.torch.pooling)
+    _bn_pool = None  # bnlab.torch.pooling's pool while it pools (set on the instance)
 
     def _bn_args(self):
         """(training with batch statistics, running_mean, running_var, num_batches_tracked,
@@ -115,7 +116,7 @@ class _BatchNorm(_Host):
         engine.check_eps(self.eps, bn_training)
         if mask is not None:
             mask = _check_mask(mask, input) if bn_training else None
-        pool = getattr(self, "_bn_pool", None)  # bnlab.torch.pooling: accumulate, recalibrate
+        pool = self._bn_pool  # bnlab.torch.pooling: accumulate, recalibrate
         if pool is not None and self.training and nbt is not None:
             pool.add(self, input, mask)  # the pool updates the running statistics
             running_mean = running_var = nbt = None

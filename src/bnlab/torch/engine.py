@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
+import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +37,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 
 from .. import kernels
+from . import measured as _measured
 from .layout import memory_format
 
 BACKENDS = ("auto", "numba", "triton", "reference", "native")
@@ -243,13 +247,13 @@ def _refusal(rule: Rule, x: torch.Tensor, params, forced: bool) -> str | None:
     if rule.param_dtypes == "any":
         return None
     dtypes = (x.dtype,) if rule.param_dtypes == "x" else (x.dtype, torch.float32)
-    C = x.shape[1]
+    C, device = x.shape[1], x.device
     for name, t in zip(("running_mean", "running_var", "weight", "bias"), params):
         if t is None:
             continue
-        if t.shape != (C,) or t.dtype not in dtypes or t.device != x.device:
+        if t.shape != (C,) or t.dtype not in dtypes or t.device != device:
             return (
-                f"takes {name} as a ({C},) {_names(dtypes)} tensor on {x.device} for "
+                f"takes {name} as a ({C},) {_names(dtypes)} tensor on {device} for "
                 f"input of {C} channels, got {tuple(t.shape)} {_names([t.dtype])} on "
                 f"{t.device}"
             )
@@ -287,7 +291,8 @@ def faster_than_torch(engine: str, training: bool, x: torch.Tensor) -> bool:
     (:data:`bnlab.torch.measured.MEASURED`: a committed GPU bench run for "triton", a
     committed CPU run for "numba"): among the measurements of x's mode (training step or
     inference), layout (:func:`layout_kind`) and dtype, the nearest one at x's size or
-    below is a win, and so is the nearest one at or above it (if any). Between a loss and a
+    below is a win (bnlab's time under :data:`WIN_BELOW` of torch's), and so is the nearest
+    one at or above it (if any). Between a loss and a
     win, below the smallest measurement, and for anything not measured, torch's kernel:
     ``auto`` is never slower than torch where it is known, and torch where it is not."""
     kind = (engine, "train" if training else "infer", layout_kind(x), _DTYPE_NAMES.get(x.dtype))
@@ -301,6 +306,12 @@ def faster_than_torch(engine: str, training: bool, x: torch.Tensor) -> bool:
     return i == len(sizes) or wins[i]  # the nearest above n, if any, must be a win too
 
 
+WIN_BELOW = {"triton": 1.0, "numba": 0.9}
+"""A measured ratio (bnlab's time / torch's) counts as bnlab's win only below this, per
+engine. On CPU a single run's ratio of minima moves by up to about 10% (the control of
+``bnlab bench``: torch against itself, 0.95-1.06 on training steps), so numba must have
+been measured at least 10% faster; the GPU's timings are steadier."""
+
 _DTYPE_NAMES = {
     torch.float32: "float32",
     torch.float64: "float64",
@@ -312,16 +323,17 @@ _index: list = [None, {}]  # [the MEASURED object indexed, {kind: (sizes, wins)}
 
 def _measurements() -> dict:
     """:data:`bnlab.torch.measured.MEASURED` indexed by (engine, mode, layout, dtype):
-    sorted sizes and whether bnlab won at each; rebuilt when the table object changes."""
-    from . import measured
-
-    if _index[0] is not measured.MEASURED:
+    sorted sizes and whether bnlab won at each (a ratio under :data:`WIN_BELOW`); rebuilt
+    when the table object changes."""
+    table_now = _measured.MEASURED
+    if _index[0] is not table_now:
         rows: dict = {}
-        for engine, table in measured.MEASURED.items():
+        for engine, table in table_now.items():
             for mode, layout, dtype, n, ratio in table:
-                rows.setdefault((engine, mode, layout, dtype), []).append((n, ratio < 1.0))
+                win = ratio < WIN_BELOW[engine]
+                rows.setdefault((engine, mode, layout, dtype), []).append((n, win))
         _index[1] = {k: tuple(zip(*sorted(v))) for k, v in rows.items()}
-        _index[0] = measured.MEASURED
+        _index[0] = table_now
     return _index[1]
 
 
@@ -352,12 +364,11 @@ def select(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if (
-        backend != "native"
-        and x.dim() >= 2
-        and any(t is not None and t.shape != x.shape[1:2] for t in params)
-    ):
-        _torch_rejects(x, params)  # torch's error for (C,) vectors of another size
+    if backend != "native" and x.dim() >= 2:
+        channels = x.shape[1:2]
+        for t in params:
+            if t is not None and t.shape != channels:
+                _torch_rejects(x, params)  # torch's error for (C,) vectors of another size
     special = (
         "mask="
         if mask is not None
@@ -372,14 +383,16 @@ def select(
             return "native"
         device = x.device.type
         for rule in RULES[:2]:
-            if device in rule.devices and _refusal(rule, x, params, False) is None:
-                if (
-                    rule.measured
-                    and measured
-                    and weighs()
-                    and not faster_than_torch(rule.engine, training, x)
-                ):
-                    continue  # torch's kernel is faster here: native, with bnlab's guard
+            if device not in rule.devices:
+                continue
+            if (
+                rule.measured
+                and measured
+                and weighs()
+                and not faster_than_torch(rule.engine, training, x)
+            ):
+                continue  # torch's kernel is faster here (weighed first: it is the cheaper test)
+            if _refusal(rule, x, params, False) is None:
                 if available(rule.engine):
                     return rule.engine
                 _warn_missing(rule.engine)
@@ -435,6 +448,77 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer
 
 
+_HELD: dict[int, tuple] = {}  # id(t) -> (weakref to t, data_ptr, shape, stride, dtype, view)
+
+
+def held_view(t: torch.Tensor) -> np.ndarray | None:
+    """:func:`numpy_view` of a long-lived tensor (a parameter or running buffer), made once
+    and handed out again while ``t`` keeps the same memory (address, shape, strides,
+    dtype: a parameter moved by ``.data =`` or ``.to()`` gets a new view); None where
+    ``t`` is not a contiguous float32/float64 CPU tensor. Saves building the view on every
+    step.
+
+    The view does not keep ``t`` alive (the entry goes with ``t``): use it only while
+    holding ``t``, as the callers do within one call."""
+    key = id(t)
+    hit = _HELD.get(key)
+    ptr = t.data_ptr()
+    if (
+        hit is not None
+        and hit[0]() is t
+        and hit[1] == ptr
+        and hit[2] == t.shape
+        and hit[3] == t.stride()
+        and hit[4] is t.dtype
+        and t.is_cpu
+    ):
+        return hit[5]
+    if not _plain(t):
+        return None
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(ptr)
+    view = np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer
+    gone = weakref.ref(t, functools.partial(_forget, key))
+    _HELD[key] = (gone, ptr, t.shape, t.stride(), t.dtype, view)
+    return view
+
+
+def _forget(key: int, _gone) -> None:
+    """A held tensor died: its view goes too."""
+    _HELD.pop(key, None)
+
+
+def held_views(buffers) -> list[np.ndarray] | None:
+    """:func:`held_view` of each buffer given (None entries skipped), or None if any is not
+    a contiguous float32/float64 CPU tensor."""
+    views = []
+    for b in buffers:
+        if b is not None:
+            v = held_view(b)
+            if v is None:
+                return None
+            views.append(v)
+    return views
+
+
+_ZEROS: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def all_finite(arrays) -> bool:
+    """Every value of every NumPy array is finite: one dot product with zeros each (0 for
+    finite values whatever their size, NaN if any is NaN or infinite; infinity times zero
+    is the invalid operation this asks about, so NumPy is told not to warn of it), cheaper
+    on the small (C,) vectors of a training step than ``np.isfinite(a).all()``."""
+    total = 0.0
+    with np.errstate(invalid="ignore"):
+        for a in arrays:
+            a = a if a.ndim == 1 else a.reshape(-1)
+            zeros = _ZEROS.get((a.size, a.dtype))
+            if zeros is None:
+                zeros = _ZEROS.setdefault((a.size, a.dtype), np.zeros(a.size, a.dtype))
+            total += float(a.dot(zeros))
+    return math.isfinite(total)
+
+
 # --- the running-statistics bookkeeping (every path) -----------------------------------------
 
 
@@ -482,10 +566,10 @@ def update_running(
             )
             if b is not None
         ]
-        if all(np.isfinite(v).all() for _, v, _, _ in terms):
+        if all_finite([v for _, v, _, _ in terms]):
             for b, v, ww, wv in terms:
-                if _plain(b):
-                    a = numpy_view(b)
+                a = held_view(b)
+                if a is not None:
                     a *= 1.0 - ww
                     a += wv * v
                 else:
@@ -505,6 +589,26 @@ def update_running(
             ],
             num_batches_tracked,
         )
+
+
+def guard_in_place(views, num_batches_tracked, update):
+    """The guard of :func:`commit` around an update made in place by someone else (torch's
+    kernel updates the running statistics itself): ``update()`` runs, and if any of the
+    buffers seen through ``views`` (:func:`held_views`) is then not finite, each gets back
+    the values it had before (written through NumPy, so no version counter moves: in
+    training torch's backward reads the batch statistics it saved, never these buffers),
+    else ``num_batches_tracked`` counts one more. Returns ``update()``'s result. Cheaper
+    than copies for :func:`commit`: two small NumPy copies and one check, no torch op but
+    the count."""
+    saved = [v.copy() for v in views]
+    out = update()
+    if all_finite(views):
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)  # an integer buffer: nothing for autograd to record
+    else:
+        for v, s in zip(views, saved):
+            v[...] = s
+    return out
 
 
 def _plain(b) -> bool:

@@ -114,10 +114,12 @@ def guarded_native(
     eps: float,
     num_batches_tracked=None,
 ):
-    """torch's own ``batch_norm`` with bnlab's guard: in training, torch updates copies of
-    the running statistics, which :func:`bnlab.torch.engine.commit` puts in place (and
-    counts in ``num_batches_tracked``) only if they are finite. (Restoring the buffers
-    afterwards instead would change tensors that torch's backward saved.)"""
+    """torch's own ``batch_norm`` with bnlab's guard: in training, on CPU buffers torch
+    updates the running statistics in place and :func:`bnlab.torch.engine.guard_in_place`
+    puts the old values back if they are not finite (else counts the batch in
+    ``num_batches_tracked``); elsewhere (CUDA, half buffers) torch updates copies, which
+    :func:`bnlab.torch.engine.commit` puts in place only if finite, deciding on the device
+    with no host sync."""
     momentum = engine.momentum_of(momentum, num_batches_tracked)
     if engine.transformed() and training and num_batches_tracked is not None:
         # as torch's module: counted first (a grad transform refuses the in-place add, a
@@ -126,6 +128,15 @@ def guarded_native(
     if not training or (running_mean is None and running_var is None) or engine.transformed():
         return torch.nn.functional.batch_norm(
             x, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    views = engine.held_views((running_mean, running_var))
+    if views is not None:
+        return engine.guard_in_place(
+            views,
+            num_batches_tracked,
+            lambda: torch.nn.functional.batch_norm(
+                x, running_mean, running_var, weight, bias, True, momentum, eps
+            ),
         )
     new_mean = None if running_mean is None else running_mean.clone()
     new_var = None if running_var is None else running_var.clone()

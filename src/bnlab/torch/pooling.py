@@ -141,7 +141,7 @@ def accumulating(model: torch.nn.Module, steps: int):
             )
     pools = {m: _Accumulate(int(steps)) for _, m in layers}
     for m, pool in pools.items():
-        m.__dict__["_bn_pool"] = pool  # read by the layers' forward (getattr)
+        m.__dict__["_bn_pool"] = pool  # read by the layers' forward (None on the class)
     try:
         yield model
     finally:
@@ -165,7 +165,7 @@ def recalibrate_across(model: torch.nn.Module, batches, process_group=None) -> t
     pools = {m: _BatchAverage() for _, m in layers}
     was_training = model.training
     for m, pool in pools.items():
-        m.__dict__["_bn_pool"] = pool  # read by the layers' forward (getattr)
+        m.__dict__["_bn_pool"] = pool  # read by the layers' forward (None on the class)
     model.train()
     try:
         with torch.no_grad():
