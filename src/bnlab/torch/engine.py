@@ -309,8 +309,9 @@ def faster_than_torch(engine: str, training: bool, x: torch.Tensor) -> bool:
 WIN_BELOW = {"triton": 1.0, "numba": 0.9}
 """A measured ratio (bnlab's time / torch's) counts as bnlab's win only below this, per
 engine. On CPU a single run's ratio of minima moves by up to about 10% (the control of
-``bnlab bench``: torch against itself, 0.95-1.06 on training steps), so numba must have
-been measured at least 10% faster; the GPU's timings are steadier."""
+``bnlab bench``, torch against itself: 0.93-1.10 on training steps in
+docs/bench/run-11..13.json), so numba must have been measured at least 10% faster; the
+GPU's timings are steadier."""
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
