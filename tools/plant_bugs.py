@@ -75,11 +75,7 @@ PLANTS = [  # (what, file, correct text, planted text, tests that must fail)
     ("held views: a parameter moved by .data keeps its old view", "src/bnlab/torch/engine.py",
      "        and hit[1] == ptr\n", "", "tests/test_torch.py -k held_views"),
     ("held views: the view keeps its tensor alive", "src/bnlab/torch/engine.py",
-     "    view = np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer\n"
-     "    gone = ",
-     "    buf.owner = t  # type: ignore[attr-defined]\n"
-     "    view = np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer\n"
-     "    gone = ",
+     "    view = _array_over(t, owner=False)", "    view = _array_over(t, owner=True)",
      "tests/test_torch.py -k held_views"),
     ("the guard's finiteness check: a sum, which overflows for large finite values",
      "src/bnlab/torch/engine.py",

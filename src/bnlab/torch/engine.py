@@ -294,7 +294,8 @@ def faster_than_torch(engine: str, training: bool, x: torch.Tensor) -> bool:
     below is a win (bnlab's time under :data:`WIN_BELOW` of torch's), and so is the nearest
     one at or above it (if any). Between a loss and a
     win, below the smallest measurement, and for anything not measured, torch's kernel:
-    ``auto`` is never slower than torch where it is known, and torch where it is not."""
+    ``auto`` never runs a kernel measured slower than torch's, and runs torch's where
+    nothing is known."""
     kind = (engine, "train" if training else "infer", layout_kind(x), _DTYPE_NAMES.get(x.dtype))
     sizes, wins = _measurements().get(kind, ((), ()))
     n = x.numel()
@@ -444,8 +445,14 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     Not ``t.numpy()``: that marks the tensor's storage as not resizable for good, so a
     user's input, parameter (FSDP frees them with ``resize_(0)``), buffer or output would
     lose ``resize_``."""
+    return _array_over(t, owner=True)
+
+
+def _array_over(t: torch.Tensor, owner: bool) -> np.ndarray:
+    """An ndarray over t's memory; with ``owner``, its base keeps ``t`` alive."""
     buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
-    buf.owner = t  # type: ignore[attr-defined]  # the array's base, buf, keeps t alive
+    if owner:
+        buf.owner = t  # type: ignore[attr-defined]  # the array's base, buf, keeps t alive
     return np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer
 
 
@@ -476,8 +483,7 @@ def held_view(t: torch.Tensor) -> np.ndarray | None:
         return hit[5]
     if not _plain(t):
         return None
-    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(ptr)
-    view = np.ndarray(t.shape, _NUMPY[t.dtype], buf)  # type: ignore[arg-type]  # a buffer
+    view = _array_over(t, owner=False)
     gone = weakref.ref(t, functools.partial(_forget, key))
     _HELD[key] = (gone, ptr, t.shape, t.stride(), t.dtype, view)
     return view
