@@ -85,6 +85,11 @@ def run(
         config = TrainConfig(**json.loads(saved["config"]))
         out = resume
         print_fn(f"resuming {resume} after step {int(saved['step'])}")
+
+    def job(folder):
+        """_train's arguments after (rank, world), the same on every path."""
+        return (config, str(folder), device, init_from, progress, checkpoint_every, state_file)
+
     if _torchrun():
         if nproc != 1:
             raise ValueError(
@@ -94,17 +99,7 @@ def run(
         rank, world = distributed.init_from_env(backend, timeout)
         folder = run_dir(out, "train") if rank == 0 or out is not None else None
         try:
-            results = _train(
-                rank,
-                world,
-                config,
-                str(folder),
-                device,
-                init_from,
-                progress,
-                checkpoint_every,
-                state_file,
-            )
+            results = _train(rank, world, *job(folder))
         finally:
             distributed.dist.destroy_process_group()
         if rank != 0:
@@ -112,17 +107,7 @@ def run(
     else:
         folder = run_dir(out, "train")
         if nproc == 1:
-            results = _train(
-                0,
-                1,
-                config,
-                str(folder),
-                device,
-                init_from,
-                progress,
-                checkpoint_every,
-                state_file,
-            )
+            results = _train(0, 1, *job(folder))
         else:
             if device == "cuda" and nproc > torch.cuda.device_count():
                 raise ValueError(
@@ -132,15 +117,7 @@ def run(
             distributed.launch(
                 _worker,
                 nproc,
-                args=(
-                    config,
-                    str(folder),
-                    device,
-                    init_from,
-                    progress,
-                    checkpoint_every,
-                    state_file,
-                ),
+                args=job(folder),
                 backend=backend,
                 timeout=timeout,
                 threads=threads,
